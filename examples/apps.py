@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class ExamplesConfig(AppConfig):
+    name = "examples"
+    default_auto_field = "django.db.models.BigAutoField"
+    verbose_name = "Example: notify on model changes"

@@ -1,0 +1,351 @@
+"""The REST API under ``/api/`` (django-ninja; OpenAPI schema at ``/api/openapi.json``).
+
+Every error is JSON ``{"error": {"code", "message", "fields"?}}`` with its HTTP status.
+Authentication: ``Authorization: Bearer <token>`` or the Django session (writes need CSRF).
+"""
+
+from typing import Any, Literal
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.http import Http404, HttpRequest, JsonResponse
+from django.shortcuts import get_object_or_404
+from ninja import NinjaAPI, Query, Schema
+from ninja.errors import AuthenticationError, HttpError
+from ninja.errors import ValidationError as NinjaValidationError
+from ninja.security.http import HttpBearer
+from ninja.utils import check_csrf
+from pydantic import ConfigDict, Field
+
+from . import selectors, services
+from .auth import AuthFailure, bearer_from_header, ticket_issue, token_authenticate
+from .models import Notification, Topic
+from .protocol import notification_payload
+
+JSON_CONTENT_TYPES = ("application/json",)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, fields: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.fields = status, code, message, fields
+
+
+def error_response(status: int, code: str, message: str, fields: dict | None = None) -> JsonResponse:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if fields:
+        error["fields"] = fields
+    return JsonResponse({"error": error}, status=status)
+
+
+class ApiErrorMiddleware:
+    """Under ``/api/``: refuse oversize (413) and non-JSON (415) bodies, and turn Django's own
+    404/405/500 pages into JSON errors, so API clients never see HTML."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest):
+        if not request.path.startswith("/api/"):
+            return self.get_response(request)
+        limit = settings.NOTIFICATIONS["API_MAX_BODY_BYTES"]
+        try:
+            length = int(request.headers.get("Content-Length") or 0)
+        except ValueError:
+            return error_response(400, "bad_request", "Content-Length is not a number.")
+        try:
+            too_large = length > limit or len(request.body) > limit
+        except RequestDataTooBig:
+            too_large = True
+        if too_large:
+            return error_response(413, "body_too_large", f"Request bodies are limited to {limit} bytes.")
+        content_type = request.content_type or ""
+        if request.body and content_type not in JSON_CONTENT_TYPES:
+            return error_response(415, "unsupported_media_type", "Send the body as application/json.")
+        response = self.get_response(request)
+        if response.status_code in (404, 405) and response.get("Content-Type", "").startswith("text/html"):
+            if response.status_code == 404:
+                return error_response(404, "not_found", "No such API endpoint.")
+            refusal = error_response(405, "method_not_allowed", f"Method {request.method} is not allowed here.")
+            refusal["Allow"] = response.get("Allow", "")
+            return refusal
+        return response
+
+    def process_exception(self, request, exception):
+        if request.path.startswith("/api/"):
+            return error_response(500, "server_error", "The server failed to handle this request.")
+        return None
+
+
+class ApiAuth(HttpBearer):
+    """Bearer token, or else the Django session (with a CSRF check on writes)."""
+
+    def __call__(self, request: HttpRequest):
+        header = request.headers.get("Authorization")
+        if header:
+            try:
+                return token_authenticate(bearer_from_header(header))
+            except AuthFailure as failure:
+                raise ApiError(401, failure.code, failure.message) from None
+        user = getattr(request, "user", None)
+        if user is None or not user.is_authenticated:
+            return None
+        if check_csrf(request) is not None:
+            raise ApiError(403, "csrf_failed", "CSRF check failed: send the X-CSRFToken header with session auth.")
+        return user
+
+    def authenticate(self, request, token):  # pragma: no cover - __call__ does the work
+        return None
+
+
+api = NinjaAPI(
+    title="Notifications API",
+    version="1",
+    urls_namespace="api",
+    auth=ApiAuth(),
+    openapi_url="/openapi.json",
+    docs_url="/docs",
+)
+
+
+@api.exception_handler(ApiError)
+def _api_error(request, exc: ApiError):
+    return error_response(exc.status, exc.code, exc.message, exc.fields)
+
+
+@api.exception_handler(AuthenticationError)
+def _unauthenticated(request, exc):
+    return error_response(401, "unauthenticated", "Authentication required: a Bearer token or a session.")
+
+
+def _field_name(loc) -> str:
+    names = [str(part) for part in loc if part not in ("body", "payload", "query", "path", "params")]
+    return ".".join(names) or "body"
+
+
+@api.exception_handler(NinjaValidationError)
+def _invalid(request, exc: NinjaValidationError):
+    fields = {_field_name(e.get("loc", ())): e.get("msg", "invalid") for e in exc.errors}
+    if any(e.get("type") == "json_invalid" for e in exc.errors):
+        return error_response(400, "bad_json", "The body is not valid JSON.")
+    return error_response(400, "invalid", "The request is not valid.", fields)
+
+
+@api.exception_handler(DjangoValidationError)
+def _django_invalid(request, exc: DjangoValidationError):
+    if hasattr(exc, "error_dict"):
+        fields = {name: " ".join(messages) for name, messages in exc.message_dict.items()}
+        return error_response(400, "invalid", "The request is not valid.", fields)
+    return error_response(400, "invalid", " ".join(exc.messages))
+
+
+@api.exception_handler(Http404)
+def _not_found(request, exc):
+    return error_response(404, "not_found", "Not found.")
+
+
+@api.exception_handler(Notification.DoesNotExist)
+def _notification_not_found(request, exc):
+    return error_response(404, "not_found", str(exc) or "Not found.")
+
+
+@api.exception_handler(PermissionDenied)
+def _forbidden(request, exc):
+    return error_response(403, "forbidden", str(exc) or "You may not do this.")
+
+
+@api.exception_handler(HttpError)
+def _http_error(request, exc: HttpError):
+    return error_response(exc.status_code, "error", str(exc))
+
+
+# Schemas
+
+
+class Strict(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NotificationIn(Strict):
+    title: str = Field(min_length=1, max_length=services.TITLE_MAX)
+    body: str = Field("", max_length=services.BODY_MAX)
+    level: Literal["info", "success", "warning", "error"] = "info"
+    data: dict[str, Any] | None = None
+    link: str | None = Field(None, max_length=2000)
+    users: list[int | str] | None = Field(None, description="Usernames or user ids.")
+    topic: str | None = Field(None, description="A topic slug.")
+    broadcast: bool = False
+
+
+class NotificationOut(Schema):
+    id: int
+    audience: str
+    title: str
+    body: str
+    level: str
+    data: dict[str, Any]
+    link: str | None
+    topic: str | None
+    actor: str | None
+    created_at: str
+    read: bool
+
+
+class SentOut(Schema):
+    notifications: list[NotificationOut]
+
+
+class InboxOut(Schema):
+    results: list[NotificationOut]
+    next_before: int | None = Field(description="Pass as ?before= to get the next page; null at the end.")
+
+
+class InboxQuery(Schema):
+    unread: bool = False
+    before: int | None = Field(None, ge=1)
+    limit: int = Field(50, ge=1, le=selectors.INBOX_PAGE_MAX)
+
+
+class UnreadOut(Schema):
+    unread_count: int
+
+
+class ReadOut(UnreadOut):
+    id: int
+
+
+class TopicOut(Schema):
+    slug: str
+    title: str
+    private: bool
+    following: bool
+
+
+class TopicsOut(Schema):
+    results: list[TopicOut]
+
+
+class FollowOut(Schema):
+    topic: str
+    following: bool
+
+
+class TicketOut(Schema):
+    ticket: str
+    expires_in: int
+    url: str
+
+
+class ErrorBody(Schema):
+    code: str
+    message: str
+    fields: dict[str, str] | None = None
+
+
+class ErrorOut(Schema):
+    error: ErrorBody
+
+
+ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 413: ErrorOut, 415: ErrorOut}
+
+
+# Endpoints
+
+
+def _resolve_audience_users(values: list[int | str]) -> list:
+    User = get_user_model()
+    ids = [v for v in values if isinstance(v, int)]
+    names = [v for v in values if isinstance(v, str)]
+    by_name = dict(
+        User.objects.filter(**{f"{User.USERNAME_FIELD}__in": names}, is_active=True).values_list(
+            User.USERNAME_FIELD, "pk"
+        )
+    )
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ApiError(400, "invalid", "The request is not valid.", {"users": f"Unknown users: {unknown[:20]}"})
+    return ids + list(by_name.values())
+
+
+@api.post("/notifications/", response={201: SentOut, **ERRORS}, summary="Send a notification (staff)")
+def send_notification(request, payload: NotificationIn):
+    user = request.auth
+    if not (user.is_staff and user.has_perm("notifications.add_notification")):
+        raise ApiError(403, "forbidden", "Only staff with the 'add notification' permission may send.")
+    audience: dict[str, Any] = {}
+    if payload.users is not None:
+        audience["users"] = _resolve_audience_users(payload.users)
+    if payload.topic is not None:
+        audience["topic"] = payload.topic
+    if payload.broadcast:
+        audience["broadcast"] = True
+    rows = services.notification_send(
+        title=payload.title,
+        body=payload.body,
+        level=payload.level,
+        data=payload.data,
+        link=payload.link,
+        actor=user,
+        **audience,
+    )
+    return 201, {"notifications": [notification_payload(n, is_read=False) for n in rows]}
+
+
+@api.get("/notifications/", response={200: InboxOut, **ERRORS}, summary="Your inbox, newest first")
+def list_notifications(request, query: Query[InboxQuery]):
+    page = selectors.inbox_for(request.auth, unread_only=query.unread, before=query.before, limit=query.limit)
+    return {
+        "results": [notification_payload(n, is_read=n.is_read) for n in page],
+        "next_before": page[-1].id if len(page) == query.limit else None,
+    }
+
+
+@api.get("/notifications/unread-count/", response={200: UnreadOut, **ERRORS})
+def unread_count(request):
+    return {"unread_count": selectors.unread_count_for(request.auth)}
+
+
+@api.post("/notifications/read-all/", response={200: UnreadOut, **ERRORS}, summary="Mark all read")
+def read_all(request):
+    return {"unread_count": services.notification_mark_all_read(user=request.auth)}
+
+
+@api.post("/notifications/{int:notification_id}/read/", response={200: ReadOut, **ERRORS}, summary="Mark read")
+def read_one(request, notification_id: int):
+    count = services.notification_mark_read(user=request.auth, ids=[notification_id])
+    return {"id": notification_id, "unread_count": count}
+
+
+@api.delete("/notifications/{int:notification_id}/", response={200: ReadOut, **ERRORS}, summary="Dismiss")
+def dismiss(request, notification_id: int):
+    count = services.notification_dismiss(user=request.auth, notification_id=notification_id)
+    return {"id": notification_id, "unread_count": count}
+
+
+@api.get("/topics/", response={200: TopicsOut, **ERRORS}, summary="Topics you may follow")
+def list_topics(request):
+    return {"results": list(selectors.topics_for(request.auth))}
+
+
+def _topic(slug: str) -> Topic:
+    return get_object_or_404(Topic, slug=slug)
+
+
+@api.post("/topics/{slug}/follow/", response={200: FollowOut, **ERRORS}, summary="Follow a topic")
+def follow(request, slug: str):
+    services.topic_follow(user=request.auth, topic=_topic(slug))
+    return {"topic": slug, "following": True}
+
+
+@api.delete("/topics/{slug}/follow/", response={200: FollowOut, **ERRORS}, summary="Unfollow a topic")
+def unfollow(request, slug: str):
+    services.topic_unfollow(user=request.auth, topic=_topic(slug))
+    return {"topic": slug, "following": False}
+
+
+@api.post("/ws-ticket/", response={201: TicketOut, **ERRORS}, summary="A one-time WebSocket ticket")
+def ws_ticket(request):
+    ticket, ttl = ticket_issue(user=request.auth)
+    return 201, {"ticket": ticket, "expires_in": ttl, "url": f"/ws/notifications/?ticket={ticket}"}

@@ -1,0 +1,179 @@
+"""Authentication: API tokens, WebSocket tickets, and the WebSocket handshake.
+
+The handshake accepts, in this order:
+
+1. ``Authorization: Bearer <token>`` (native clients; no Origin needed);
+2. ``?ticket=<ticket>`` from ``POST /api/ws-ticket/`` (single use, short-lived);
+3. the Django session cookie, only when ``Origin`` is allowed (cross-site WebSocket
+   hijacking protection).
+
+Tokens in the query string are refused: URLs end up in access logs. Raw tokens and
+tickets are never stored (only SHA-256 hashes) and never logged.
+"""
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
+
+from channels.auth import get_user
+from channels.db import database_sync_to_async
+from channels.sessions import CookieMiddleware, SessionMiddleware
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser
+from django.http.request import validate_host
+from django.utils import timezone
+
+from . import protocol
+from .models import ApiToken, WsTicket
+
+TOKEN_PREFIX = "ntf"
+TICKET_PREFIX = "tkt"
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+QUERY_TOKEN_PARAMS = ("token", "access_token", "bearer", "api_key", "authorization")
+
+
+@dataclass
+class AuthFailure(Exception):
+    """Why a handshake or API request was refused: an error code, a close code and a message."""
+
+    code: str
+    message: str
+    close_code: int = protocol.CLOSE_UNAUTHENTICATED
+
+
+def _hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def token_create(*, user, name: str = "", expires_at=None) -> tuple[ApiToken, str]:
+    """Create a token; return it and the raw token (shown once, never stored)."""
+    token, raw = token_build(user=user, name=name, expires_at=expires_at)
+    token.save()
+    return token, raw
+
+
+def token_build(*, user, name: str = "", expires_at=None) -> tuple[ApiToken, str]:
+    """An unsaved token and its raw value (for ``bulk_create``)."""
+    prefix = secrets.token_hex(6)
+    raw = f"{TOKEN_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
+    return ApiToken(user=user, name=name, prefix=prefix, key_hash=_hash(raw), expires_at=expires_at), raw
+
+
+def token_authenticate(raw: str):
+    """Return the active user of a raw token, or raise ``AuthFailure``."""
+    parts = raw.split("_", 2) if isinstance(raw, str) else []
+    if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+        raise AuthFailure("invalid_token", "The token is not valid.")
+    token = ApiToken.objects.select_related("user").filter(prefix=parts[1]).first()
+    if token is None or not hmac.compare_digest(token.key_hash, _hash(raw)):
+        raise AuthFailure("invalid_token", "The token is not valid.")
+    now = timezone.now()
+    if token.revoked_at is not None:
+        raise AuthFailure("token_revoked", "The token was revoked.", protocol.CLOSE_FORBIDDEN)
+    if token.expires_at is not None and token.expires_at <= now:
+        raise AuthFailure("token_expired", "The token has expired.")
+    if not token.user.is_active:
+        raise AuthFailure("user_inactive", "The user is inactive.", protocol.CLOSE_FORBIDDEN)
+    if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
+        ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+    return token.user
+
+
+def token_revoke(token: ApiToken) -> None:
+    ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+
+
+def ticket_issue(*, user) -> tuple[str, int]:
+    """Issue a single-use WebSocket ticket; return it and its lifetime in seconds."""
+    ttl = settings.NOTIFICATIONS["TICKET_TTL_SECONDS"]
+    now = timezone.now()
+    WsTicket.objects.filter(expires_at__lt=now).delete()
+    raw = f"{TICKET_PREFIX}_{secrets.token_urlsafe(32)}"
+    WsTicket.objects.create(key_hash=_hash(raw), user=user, expires_at=now + timedelta(seconds=ttl))
+    return raw, ttl
+
+
+def ticket_consume(raw: str):
+    """Return the user of a valid ticket and spend it, or raise ``AuthFailure``."""
+    ticket = WsTicket.objects.select_related("user").filter(key_hash=_hash(raw)).first()
+    # delete() returning 1 means this call spent the ticket: a concurrent reuse gets 0.
+    spent = ticket is not None and WsTicket.objects.filter(pk=ticket.pk).delete()[0] == 1
+    if not spent or ticket.expires_at <= timezone.now():
+        raise AuthFailure("invalid_ticket", "The ticket is unknown, used or expired.")
+    if not ticket.user.is_active:
+        raise AuthFailure("user_inactive", "The user is inactive.", protocol.CLOSE_FORBIDDEN)
+    return ticket.user
+
+
+def origin_allowed(origin: str | None) -> bool:
+    """Whether a browser Origin may use cookie authentication."""
+    if not origin:
+        return False
+    allowed_origins = settings.NOTIFICATIONS["WS_ALLOWED_ORIGINS"]
+    if origin in allowed_origins or "*" in allowed_origins:
+        return True
+    parsed = urlsplit(origin)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return False
+    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return validate_host(host, settings.ALLOWED_HOSTS)
+
+
+def bearer_from_header(value: str) -> str:
+    scheme, _, credentials = value.partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise AuthFailure("invalid_authorization", "Use 'Authorization: Bearer <token>'.")
+    return credentials.strip()
+
+
+class WebSocketAuthMiddleware:
+    """Resolve the handshake's credentials into ``scope["user"]``.
+
+    It never refuses the handshake itself: it records ``scope["auth_error"]`` so the
+    consumer can accept and close with a code and a reason the client can see.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        scope = dict(scope)
+        try:
+            scope["user"], scope["auth_method"] = await self.resolve(scope)
+            scope["auth_error"] = None
+        except AuthFailure as failure:
+            scope["user"], scope["auth_method"], scope["auth_error"] = AnonymousUser(), None, failure
+        return await self.inner(scope, receive, send)
+
+    async def resolve(self, scope):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        if any(name in query for name in QUERY_TOKEN_PARAMS):
+            raise AuthFailure(
+                "token_in_query",
+                "Tokens are not accepted in the URL; send 'Authorization: Bearer' or use a ticket.",
+            )
+        if "authorization" in headers:
+            raw = bearer_from_header(headers["authorization"])
+            return await database_sync_to_async(token_authenticate)(raw), "bearer"
+        if "ticket" in query:
+            return await database_sync_to_async(ticket_consume)(query["ticket"][0]), "ticket"
+        session = scope.get("session")
+        if session is not None and session.session_key:
+            if not origin_allowed(headers.get("origin")):
+                raise AuthFailure(
+                    "origin_not_allowed",
+                    "Cookie authentication needs an allowed Origin.",
+                    protocol.CLOSE_FORBIDDEN,
+                )
+            user = await get_user(scope)
+            if user.is_authenticated:
+                return user, "session"
+        raise AuthFailure("unauthenticated", "Authentication required: a Bearer token, a ticket or a session.")
+
+
+def WebSocketAuthMiddlewareStack(inner):  # noqa: N802 - named like Channels' AuthMiddlewareStack
+    return CookieMiddleware(SessionMiddleware(WebSocketAuthMiddleware(inner)))

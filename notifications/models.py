@@ -1,0 +1,155 @@
+"""Tables of the notification service: fields, constraints, indexes; no behaviour.
+
+A notification has exactly one audience: one user (``recipient``), one topic, or
+everyone (``broadcast``). A topic or broadcast notification is one row however many
+users see it. Per-user read state lives beside it:
+
+- ``InboxState.read_watermark``: every visible notification with ``id <= watermark``
+  is read ("mark all read" moves it);
+- ``Receipt``: one row per (user, notification) the user marked read or dismissed
+  above the watermark.
+"""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Level(models.TextChoices):
+    INFO = "info"
+    SUCCESS = "success"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Audience(models.TextChoices):
+    USER = "user"
+    TOPIC = "topic"
+    BROADCAST = "broadcast"
+
+
+class Topic(models.Model):
+    slug = models.SlugField(max_length=80, unique=True)
+    title = models.CharField(max_length=200)
+    private = models.BooleanField(default=False, help_text="Only members may follow a private topic.")
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="member_topics")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Follow(models.Model):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="follows")
+    topic = models.ForeignKey(Topic, on_delete=models.CASCADE, related_name="follows")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "topic"], name="follow_unique_user_topic")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} follows {self.topic_id}"
+
+
+class Notification(models.Model):
+    audience = models.CharField(max_length=10, choices=Audience.choices)
+    recipient = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="notifications"
+    )
+    topic = models.ForeignKey(Topic, null=True, blank=True, on_delete=models.CASCADE, related_name="notifications")
+    title = models.CharField(max_length=200)
+    body = models.TextField(blank=True, max_length=10_000)
+    level = models.CharField(max_length=10, choices=Level.choices, default=Level.INFO)
+    data = models.JSONField(default=dict, blank=True)
+    link = models.CharField(max_length=2000, blank=True, help_text="An http(s) URL or a path starting with /.")
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.CheckConstraint(
+                name="notification_one_audience",
+                condition=(
+                    Q(audience="user", recipient__isnull=False, topic__isnull=True)
+                    | Q(audience="topic", recipient__isnull=True, topic__isnull=False)
+                    | Q(audience="broadcast", recipient__isnull=True, topic__isnull=True)
+                ),
+            )
+        ]
+        indexes = [
+            # The inbox and the unread count walk each audience newest first.
+            models.Index(fields=["recipient", "-id"], name="notif_recipient_id"),
+            models.Index(fields=["topic", "-id"], name="notif_topic_id"),
+            models.Index(fields=["-id"], condition=Q(audience="broadcast"), name="notif_broadcast_id"),
+        ]
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class Receipt(models.Model):
+    """One user's read/dismissed state for one notification (created lazily)."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="receipts")
+    read_at = models.DateTimeField(null=True, blank=True)
+    dismissed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "notification"], name="receipt_unique_user_notification")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user_id}:{self.notification_id}"
+
+
+class InboxState(models.Model):
+    """Per-user inbox watermark: notifications with id <= read_watermark are read."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, primary_key=True, related_name="inbox_state"
+    )
+    read_watermark = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.user_id}@{self.read_watermark}"
+
+
+class ApiToken(models.Model):
+    """An API token. Only its SHA-256 hash is stored; the raw token is shown once."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, blank=True)
+    prefix = models.CharField(max_length=16, unique=True, help_text="Visible part, to tell tokens apart.")
+    key_hash = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"ntf_{self.prefix}_…"
+
+
+class WsTicket(models.Model):
+    """A single-use, short-lived WebSocket ticket (only its hash is stored)."""
+
+    key_hash = models.CharField(max_length=64, unique=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "WebSocket ticket"
+
+    def __str__(self) -> str:
+        return f"ticket for {self.user_id}"

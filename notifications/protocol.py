@@ -1,0 +1,161 @@
+"""The WebSocket protocol ``notifications.v1``: frame shapes, error codes, close codes.
+
+Documented for clients in ``docs/protocol.md``; keep the two in step.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SUBPROTOCOL = "notifications.v1"
+PROTOCOL_VERSION = 1
+
+# Close codes (RFC 6455 codes and application codes in 4000-4999).
+CLOSE_NORMAL = 1000
+CLOSE_TOO_LARGE = 1009
+CLOSE_SERVER_ERROR = 1011
+CLOSE_UNAUTHENTICATED = 4001
+CLOSE_FORBIDDEN = 4003
+
+# Error codes carried in ``{"type": "error", "code": ...}`` frames.
+BAD_JSON = "bad_json"
+BAD_FRAME = "bad_frame"
+UNKNOWN_TYPE = "unknown_type"
+INVALID = "invalid"
+NOT_FOUND = "not_found"
+FORBIDDEN = "forbidden"
+BINARY_NOT_SUPPORTED = "binary_not_supported"
+SERVER_ERROR = "server_error"
+UNAUTHENTICATED = "unauthenticated"
+FRAME_TOO_LARGE = "frame_too_large"
+
+MAX_IDS_PER_REQUEST = 100
+MAX_REQUEST_ID_LENGTH = 64
+
+
+def encode(frame: dict[str, Any]) -> str:
+    """Encode a server frame as compact JSON text."""
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass
+class ProtocolError(Exception):
+    code: str
+    message: str
+    request_id: Any = None
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def frame(self) -> dict[str, Any]:
+        frame = {"type": "error", "code": self.code, "message": self.message}
+        if self.request_id is not None:
+            frame["id"] = self.request_id
+        if self.fields:
+            frame["fields"] = self.fields
+        return frame
+
+
+def error_frame(code: str, message: str, request_id: Any = None) -> dict[str, Any]:
+    return ProtocolError(code, message, request_id).frame()
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated client frame."""
+
+    type: str
+    id: Any = None
+    topic: str | None = None
+    ids: tuple[int, ...] = ()
+
+
+def _request_id(frame: dict) -> Any:
+    request_id = frame.get("id")
+    if request_id is None:
+        return None
+    valid_int = isinstance(request_id, int) and not isinstance(request_id, bool) and abs(request_id) < 2**53
+    valid_str = isinstance(request_id, str) and len(request_id) <= MAX_REQUEST_ID_LENGTH
+    if not (valid_int or valid_str):
+        raise ProtocolError(
+            INVALID,
+            f"'id' must be a string of at most {MAX_REQUEST_ID_LENGTH} characters or an integer.",
+            fields={"id": "invalid"},
+        )
+    return request_id
+
+
+def _topic(frame: dict, request_id: Any) -> str:
+    topic = frame.get("topic")
+    if not isinstance(topic, str) or not topic or len(topic) > 80:
+        raise ProtocolError(INVALID, "'topic' must be a topic slug.", request_id, {"topic": "required slug"})
+    return topic
+
+
+def _ids(frame: dict, request_id: Any) -> tuple[int, ...]:
+    ids = frame.get("ids")
+    valid = (
+        isinstance(ids, list)
+        and 0 < len(ids) <= MAX_IDS_PER_REQUEST
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids)
+    )
+    if not valid:
+        raise ProtocolError(
+            INVALID,
+            f"'ids' must be a list of 1 to {MAX_IDS_PER_REQUEST} positive integer notification ids.",
+            request_id,
+            {"ids": "invalid"},
+        )
+    return tuple(dict.fromkeys(ids))
+
+
+_PARSERS = {
+    "ping": lambda frame, rid: {},
+    "mark_all_read": lambda frame, rid: {},
+    "subscribe": lambda frame, rid: {"topic": _topic(frame, rid)},
+    "unsubscribe": lambda frame, rid: {"topic": _topic(frame, rid)},
+    "mark_read": lambda frame, rid: {"ids": _ids(frame, rid)},
+}
+CLIENT_TYPES = tuple(_PARSERS)
+
+
+def parse_client_frame(text: str) -> Request:
+    """Validate a client text frame; raise ``ProtocolError`` with a stable code if it is wrong."""
+    try:
+        frame = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError(BAD_JSON, "The frame is not valid JSON.") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError(BAD_FRAME, "A frame must be a JSON object with a 'type'.")
+    request_id = _request_id(frame)
+    kind = frame.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(BAD_FRAME, "A frame must have a string 'type'.", request_id, {"type": "required"})
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise ProtocolError(
+            UNKNOWN_TYPE, f"Unknown frame type. Known types: {', '.join(CLIENT_TYPES)}.", request_id
+        )
+    return Request(type=kind, id=request_id, **parser(frame, request_id))
+
+
+def notification_frame(notification) -> dict[str, Any]:
+    """The pushed ``notification`` frame; identical for every recipient of a topic or broadcast."""
+    return {"type": "notification", **notification_payload(notification, is_read=False)}
+
+
+def notification_payload(notification, *, is_read: bool) -> dict[str, Any]:
+    """JSON-safe representation shared by frames and the REST API."""
+    topic = notification.topic
+    actor = notification.actor
+    return {
+        "id": notification.id,
+        "audience": notification.audience,
+        "title": notification.title,
+        "body": notification.body,
+        "level": notification.level,
+        "data": notification.data,
+        "link": notification.link or None,
+        "topic": topic.slug if topic else None,
+        "actor": actor.get_username() if actor else None,
+        "created_at": notification.created_at.isoformat(),
+        "read": is_read,
+    }

@@ -1,0 +1,111 @@
+"""Every read of notification state: the API, the consumer and the admin share these queries.
+
+Visibility: a user sees
+
+- notifications addressed to them (``audience="user"``),
+- topic notifications created while they followed the topic,
+- broadcasts created after they joined,
+
+minus the ones they dismissed. Each of the three parts walks its own index newest
+first; they are combined with ``UNION ALL`` (the parts are disjoint by audience).
+"""
+
+from collections.abc import Iterable
+
+from django.db.models import BooleanField, Exists, ExpressionWrapper, F, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
+
+from .models import Audience, Follow, InboxState, Notification, Receipt, Topic
+
+INBOX_PAGE_MAX = 100
+
+
+def _watermark(user) -> Coalesce:
+    return Coalesce(
+        Subquery(InboxState.objects.filter(user=user).values("read_watermark")[:1]), Value(0)
+    )
+
+
+def _receipts(user, **filters) -> Exists:
+    return Exists(Receipt.objects.filter(user=user, notification=OuterRef("pk"), **filters))
+
+
+def _visible_parts(user, condition: Q | None = None) -> list[QuerySet]:
+    """The three audience parts visible to ``user``, not dismissed, filtered by ``condition``."""
+    condition = condition or Q()
+    not_dismissed = ~_receipts(user, dismissed_at__isnull=False)
+    personal = Notification.objects.filter(condition, not_dismissed, recipient=user)
+    topical = Notification.objects.filter(
+        condition,
+        not_dismissed,
+        topic__follows__user=user,
+        created_at__gte=F("topic__follows__created_at"),
+    )
+    broadcast = Notification.objects.filter(
+        condition, not_dismissed, audience=Audience.BROADCAST, created_at__gte=user.date_joined
+    )
+    return [personal, topical, broadcast]
+
+
+def _union_ids(parts: list[QuerySet]) -> QuerySet:
+    first, *rest = (part.order_by().values("id") for part in parts)
+    return first.union(*rest, all=True)
+
+
+def visible_ids(user, ids: Iterable[int]) -> set[int]:
+    """The subset of ``ids`` that ``user`` may see (and has not dismissed)."""
+    ids = list(ids)
+    if not ids:
+        return set()
+    return {row["id"] for row in _union_ids(_visible_parts(user, Q(id__in=ids)))}
+
+
+def unread_count_for(user) -> int:
+    """How many visible notifications ``user`` has not read: one query."""
+    unread = Q(id__gt=_watermark(user)) & ~_receipts(user, read_at__isnull=False)
+    return _union_ids(_visible_parts(user, unread)).count()
+
+
+def latest_visible_id(user) -> int:
+    """The newest visible notification id (0 when there is none)."""
+    rows = _union_ids(_visible_parts(user)).order_by("-id")[:1]
+    return rows[0]["id"] if rows else 0
+
+
+def inbox_for(
+    user, *, unread_only: bool = False, before: int | None = None, limit: int = 50
+) -> list[Notification]:
+    """A page of the user's inbox, newest first; each item carries ``is_read``."""
+    condition = Q()
+    if before is not None:
+        condition &= Q(id__lt=before)
+    read = Q(id__lte=_watermark(user)) | _receipts(user, read_at__isnull=False)
+    if unread_only:
+        condition &= ~read
+    limit = max(1, min(limit, INBOX_PAGE_MAX))
+    page_ids = [row["id"] for row in _union_ids(_visible_parts(user, condition)).order_by("-id")[:limit]]
+    return list(
+        Notification.objects.filter(id__in=page_ids)
+        .select_related("topic", "actor")
+        .annotate(is_read=ExpressionWrapper(read, output_field=BooleanField()))
+        .order_by("-id")
+    )
+
+
+def followed_topic_slugs(user) -> list[str]:
+    return list(Follow.objects.filter(user=user).order_by("topic__slug").values_list("topic__slug", flat=True))
+
+
+def topics_for(user) -> QuerySet:
+    """Topics ``user`` may see: public ones and private ones they are a member of."""
+    following = Exists(Follow.objects.filter(user=user, topic=OuterRef("pk")))
+    return (
+        Topic.objects.filter(Q(private=False) | Q(members=user))
+        .distinct()
+        .annotate(following=following)
+        .order_by("slug")
+    )
+
+
+def topic_readable_by(topic: Topic, user) -> bool:
+    return not topic.private or topic.members.filter(pk=user.pk).exists()

@@ -1,0 +1,214 @@
+"""Every write of notification state. Each function validates, writes in a transaction,
+and schedules its push with ``transaction.on_commit`` (through ``push``, the one choke point).
+"""
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.core.validators import URLValidator
+from django.db import transaction
+from django.utils import timezone
+
+from . import push, selectors
+from .models import Audience, Follow, InboxState, Level, Notification, Receipt, Topic
+
+TITLE_MAX = 200
+BODY_MAX = 10_000
+DATA_MAX_BYTES = 16 * 1024
+DATA_MAX_DEPTH = 10
+USERS_MAX = 10_000
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def _validate_data(data: Any) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValidationError({"data": "data must be a JSON object."})
+    try:
+        encoded = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError({"data": f"data must contain only JSON values ({exc})."}) from None
+    if len(encoded.encode()) > DATA_MAX_BYTES:
+        raise ValidationError({"data": f"data must encode to at most {DATA_MAX_BYTES} bytes of JSON."})
+    if _depth(data) > DATA_MAX_DEPTH:
+        raise ValidationError({"data": f"data must nest at most {DATA_MAX_DEPTH} levels deep."})
+    return data
+
+
+def _validate_link(link: str | None) -> str:
+    if not link:
+        return ""
+    if not isinstance(link, str) or len(link) > 2000:
+        raise ValidationError({"link": "link must be a string of at most 2000 characters."})
+    if link.startswith("/") and not link.startswith("//"):
+        return link
+    try:
+        URLValidator(schemes=["http", "https"])(link)
+    except ValidationError:
+        raise ValidationError({"link": "link must be an http(s) URL or a path starting with '/'."}) from None
+    return link
+
+
+def _resolve_users(users: Iterable) -> list:
+    """Users given as User instances or primary keys; unknown or inactive ones are an error."""
+    User = get_user_model()
+    given = list(users)
+    if not given or len(given) > USERS_MAX:
+        raise ValidationError({"users": f"users must list 1 to {USERS_MAX} users."})
+    instances = [u for u in given if isinstance(u, User)]
+    pks = [u for u in given if not isinstance(u, User)]
+    if any(not isinstance(pk, int) or isinstance(pk, bool) for pk in pks):
+        raise ValidationError({"users": "users must be User instances or integer ids."})
+    found = {u.pk: u for u in User.objects.filter(pk__in=pks, is_active=True)}
+    missing = sorted(set(pks) - set(found))
+    if missing:
+        raise ValidationError({"users": f"Unknown or inactive user ids: {missing[:20]}"})
+    resolved = {u.pk: u for u in instances} | found
+    return list(resolved.values())
+
+
+def _resolve_topic(topic: Topic | str) -> Topic:
+    if isinstance(topic, Topic):
+        return topic
+    try:
+        return Topic.objects.get(slug=topic)
+    except Topic.DoesNotExist:
+        raise ValidationError({"topic": f"Unknown topic {topic!r}."}) from None
+
+
+def notification_send(
+    *,
+    title: str,
+    body: str = "",
+    level: str = Level.INFO,
+    data: dict | None = None,
+    link: str | None = None,
+    actor=None,
+    users: Iterable | None = None,
+    topic: Topic | str | None = None,
+    broadcast: bool = False,
+) -> list[Notification]:
+    """Store a notification for exactly one audience and push it after commit.
+
+    ``users`` stores one row per user; ``topic`` and ``broadcast`` store one row in all.
+    Returns the stored rows.
+    """
+    audiences = [users is not None, topic is not None, bool(broadcast)]
+    if sum(audiences) != 1:
+        raise ValidationError("Give exactly one audience: users, topic, or broadcast=True.")
+    errors = {}
+    if not isinstance(title, str) or not title.strip() or len(title) > TITLE_MAX:
+        errors["title"] = f"title is required, at most {TITLE_MAX} characters."
+    if not isinstance(body, str) or len(body) > BODY_MAX:
+        errors["body"] = f"body must be a string of at most {BODY_MAX} characters."
+    if level not in Level.values:
+        errors["level"] = f"level must be one of {', '.join(Level.values)}."
+    if errors:
+        raise ValidationError(errors)
+    fields = {
+        "title": title,
+        "body": body,
+        "level": level,
+        "data": _validate_data(data),
+        "link": _validate_link(link),
+        "actor": actor,
+    }
+    with transaction.atomic():
+        if users is not None:
+            rows = Notification.objects.bulk_create(
+                [Notification(audience=Audience.USER, recipient=u, **fields) for u in _resolve_users(users)]
+            )
+        elif topic is not None:
+            rows = [Notification.objects.create(audience=Audience.TOPIC, topic=_resolve_topic(topic), **fields)]
+        else:
+            rows = [Notification.objects.create(audience=Audience.BROADCAST, **fields)]
+        transaction.on_commit(lambda: push.notifications_created(rows))
+    return rows
+
+
+def _push_unread_count_on_commit(user) -> int:
+    count = selectors.unread_count_for(user)
+    transaction.on_commit(lambda: push.unread_count_changed(user.pk, count))
+    return count
+
+
+def _require_visible(user, ids: Iterable[int]) -> list[int]:
+    ids = list(dict.fromkeys(ids))
+    visible = selectors.visible_ids(user, ids)
+    missing = [i for i in ids if i not in visible]
+    if missing:
+        raise Notification.DoesNotExist(f"No notification with id(s) {missing} in your inbox.")
+    return ids
+
+
+def _upsert_receipts(user, ids: list[int], **stamp) -> None:
+    Receipt.objects.bulk_create(
+        [Receipt(user=user, notification_id=i, **stamp) for i in ids],
+        update_conflicts=True,
+        unique_fields=["user", "notification"],
+        update_fields=list(stamp),
+    )
+
+
+def notification_mark_read(*, user, ids: Iterable[int]) -> int:
+    """Mark the user's notifications read; raise ``Notification.DoesNotExist`` if any id is not theirs.
+
+    Returns the new unread count, which is also pushed to every connection of the user.
+    """
+    with transaction.atomic():
+        ids = _require_visible(user, ids)
+        _upsert_receipts(user, ids, read_at=timezone.now())
+        return _push_unread_count_on_commit(user)
+
+
+def notification_mark_all_read(*, user) -> int:
+    """Mark everything the user can see read (moves the user's read watermark)."""
+    with transaction.atomic():
+        latest = selectors.latest_visible_id(user)
+        state, _ = InboxState.objects.select_for_update().get_or_create(user=user)
+        if latest > state.read_watermark:
+            state.read_watermark = latest
+            state.save(update_fields=["read_watermark"])
+        return _push_unread_count_on_commit(user)
+
+
+def notification_dismiss(*, user, notification_id: int) -> int:
+    """Remove a notification from the user's inbox (it counts as read). Returns the unread count."""
+    with transaction.atomic():
+        ids = _require_visible(user, [notification_id])
+        now = timezone.now()
+        _upsert_receipts(user, ids, read_at=now, dismissed_at=now)
+        return _push_unread_count_on_commit(user)
+
+
+def topic_follow(*, user, topic: Topic) -> bool:
+    """Follow a topic (persisted); every open connection of the user joins its group.
+
+    Raises ``PermissionDenied`` for a private topic the user is not a member of.
+    Returns whether a new follow was created.
+    """
+    if not selectors.topic_readable_by(topic, user):
+        raise PermissionDenied(f"Topic {topic.slug!r} is private; only its members may follow it.")
+    with transaction.atomic():
+        _, created = Follow.objects.get_or_create(user=user, topic=topic)
+        transaction.on_commit(lambda: push.topic_followed(user.pk, topic.slug))
+    return created
+
+
+def topic_unfollow(*, user, topic: Topic) -> bool:
+    """Stop following a topic; every open connection of the user leaves its group."""
+    with transaction.atomic():
+        deleted, _ = Follow.objects.filter(user=user, topic=topic).delete()
+        transaction.on_commit(lambda: push.topic_unfollowed(user.pk, topic.slug))
+    return bool(deleted)
