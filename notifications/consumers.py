@@ -26,14 +26,11 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     Options come through ``NotificationConsumer.as_asgi(max_frame_bytes=...)``.
     """
 
-    max_frame_bytes: int | None = None
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, max_frame_bytes: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.joined: set[str] = set()
         self.user = None
-        if self.max_frame_bytes is None:
-            self.max_frame_bytes = settings.NOTIFICATIONS["WS_MAX_FRAME_BYTES"]
+        self.max_frame_bytes = max_frame_bytes or settings.NOTIFICATIONS["WS_MAX_FRAME_BYTES"]
 
     # Connection lifecycle
 

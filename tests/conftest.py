@@ -1,0 +1,177 @@
+"""Shared fixtures: users and tokens, the channel layer (in-memory and real Redis), WebSocket clients.
+
+Tests that need Redis or PostgreSQL skip on a developer machine without them, and
+fail when ``CI=true``.
+"""
+
+import os
+import subprocess
+import time
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import Permission
+
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+REDIS_START = [
+    "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379", "--save", "",
+    "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log",
+]
+WS_PATH = "/ws/notifications/"
+
+
+def missing_service(message: str):
+    """Fail in CI, skip elsewhere: a missing Redis or PostgreSQL never hides a test in CI."""
+    if CI:
+        pytest.fail(f"{message} (CI=true: required)")
+    pytest.skip(message)
+
+
+def _redis_answers() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def ensure_redis() -> str:
+    """The real Redis server's URL; start the local server if it is down."""
+    if _redis_answers():
+        return REDIS_URL
+    if urlsplit(REDIS_URL).hostname in ("127.0.0.1", "localhost"):
+        os.makedirs("/var/lib/redis", exist_ok=True)
+        os.makedirs("/var/log/redis", exist_ok=True)
+        try:
+            subprocess.run(REDIS_START, check=False, capture_output=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        for _ in range(50):
+            if _redis_answers():
+                return REDIS_URL
+            time.sleep(0.1)
+    missing_service(f"Redis is not answering at {REDIS_URL}")
+
+
+def require_postgres():
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        missing_service("this test needs PostgreSQL: set DATABASE_URL=postgres://...")
+
+
+def redis_layer_settings(prefix: str | None = None) -> dict:
+    return {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": prefix or f"test-{uuid.uuid4().hex[:8]}"},
+        }
+    }
+
+
+MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return ensure_redis()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def layer(request, settings) -> str:
+    """Run the test on the in-memory layer and on the real Redis layer (msgpack)."""
+    if request.param == "redis":
+        request.getfixturevalue("redis_url")
+        settings.CHANNEL_LAYERS = redis_layer_settings()
+    else:
+        settings.CHANNEL_LAYERS = MEMORY_LAYER
+    return request.param
+
+
+@pytest.fixture
+def make_user(django_user_model):
+    def make(username: str, *, staff: bool = False, **fields):
+        user = django_user_model.objects.create_user(username=username, password="pw-for-tests-1", **fields)
+        if staff:
+            user.is_staff = True
+            user.save(update_fields=["is_staff"])
+            user.user_permissions.add(
+                Permission.objects.get(content_type__app_label="notifications", codename="add_notification")
+            )
+        return user
+
+    return make
+
+
+@pytest.fixture
+def alice(make_user):
+    return make_user("alice")
+
+
+@pytest.fixture
+def bob(make_user):
+    return make_user("bob")
+
+
+@pytest.fixture
+def staff(make_user):
+    return make_user("staff", staff=True)
+
+
+def token_for(user) -> str:
+    from notifications.auth import token_create
+
+    return token_create(user=user)[1]
+
+
+@pytest.fixture
+def alice_token(alice) -> str:
+    return token_for(alice)
+
+
+@pytest.fixture
+def bob_token(bob) -> str:
+    return token_for(bob)
+
+
+@pytest.fixture
+def staff_token(staff) -> str:
+    return token_for(staff)
+
+
+def bearer(token: str) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", f"Bearer {token}".encode())]
+
+
+@pytest.fixture
+async def ws():
+    """Factory: ``await ws(token)`` opens a connected WebsocketCommunicator (closed at teardown).
+
+    With ``hello=True`` (the default) it also reads and returns the hello frame:
+    ``comm, hello = await ws(token)``.
+    """
+    from project.asgi import application
+
+    opened: list[WebsocketCommunicator] = []
+
+    async def open_ws(token=None, *, headers=(), path=WS_PATH, subprotocols=None, hello=True):
+        all_headers = list(headers) + (bearer(token) if token else [])
+        comm = WebsocketCommunicator(application, path, headers=all_headers, subprotocols=subprotocols)
+        opened.append(comm)
+        connected, _ = await comm.connect(timeout=5)
+        assert connected
+        if not hello:
+            return comm
+        frame = await comm.receive_json_from(timeout=5)
+        assert frame["type"] == "hello", frame
+        return comm, frame
+
+    yield open_ws
+    for comm in opened:
+        try:
+            await comm.disconnect(timeout=2)
+        except Exception:  # already closed by the server
+            pass
