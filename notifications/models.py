@@ -56,10 +56,18 @@ class Follow(models.Model):
 
 class Notification(models.Model):
     audience = models.CharField(max_length=10, choices=Audience.choices)
+    # Indexed by the composite (recipient, -id) and (topic, -id) indexes below.
     recipient = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="notifications"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="notifications",
+        db_index=False,
     )
-    topic = models.ForeignKey(Topic, null=True, blank=True, on_delete=models.CASCADE, related_name="notifications")
+    topic = models.ForeignKey(
+        Topic, null=True, blank=True, on_delete=models.CASCADE, related_name="notifications", db_index=False
+    )
     title = models.CharField(max_length=200)
     body = models.TextField(blank=True, max_length=10_000)
     level = models.CharField(max_length=10, choices=Level.choices, default=Level.INFO)
