@@ -33,4 +33,4 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) db.sqlite3 .test-db.sqlite3
+	rm -rf $(VENV) db.sqlite3 .test-db-*.sqlite3

@@ -4,6 +4,7 @@ Every error is JSON ``{"error": {"code", "message", "fields"?}}`` with its HTTP 
 Authentication: ``Authorization: Bearer <token>`` or the Django session (writes need CSRF).
 """
 
+import json
 from typing import Any, Literal
 
 from django.conf import settings
@@ -15,9 +16,10 @@ from django.shortcuts import get_object_or_404
 from ninja import NinjaAPI, Query, Schema
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
+from ninja.parser import Parser
 from ninja.security.http import HttpBearer
 from ninja.utils import check_csrf
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from . import selectors, services
 from .auth import AuthFailure, bearer_from_header, ticket_issue, token_authenticate
@@ -25,6 +27,8 @@ from .models import Notification, Topic
 from .protocol import notification_payload
 
 JSON_CONTENT_TYPES = ("application/json",)
+# Primary keys are signed 64-bit integers; larger ids cannot exist (and overflow SQLite).
+MAX_ID = 2**63 - 1
 
 
 class ApiError(Exception):
@@ -100,6 +104,17 @@ class ApiAuth(HttpBearer):
         return None
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+class StrictJsonParser(Parser):
+    """Standard JSON only: ``NaN`` and ``Infinity`` are refused like any other bad JSON."""
+
+    def parse_body(self, request: HttpRequest):
+        return json.loads(request.body, parse_constant=_reject_constant)
+
+
 api = NinjaAPI(
     title="Notifications API",
     version="1",
@@ -107,6 +122,7 @@ api = NinjaAPI(
     auth=ApiAuth(),
     openapi_url="/openapi.json",
     docs_url="/docs",
+    parser=StrictJsonParser(),
 )
 
 
@@ -120,16 +136,28 @@ def _unauthenticated(request, exc):
     return error_response(401, "unauthenticated", "Authentication required: a Bearer token or a session.")
 
 
-def _field_name(loc) -> str:
-    names = [str(part) for part in loc if part not in ("body", "payload", "query", "path", "params")]
-    return ".".join(names) or "body"
+def _field_name(loc) -> str | None:
+    """The client's name for an error location: ("body", "payload", "users", 0, "str") -> "users.0".
+
+    Drops where the value came from (body param, query, path) and pydantic's union member
+    tags; ``None`` when the error is about the whole body.
+    """
+    parts = list(loc[2:] if loc[:1] == ("body",) else loc[1:])
+    if not parts:
+        return None
+    return ".".join([str(parts[0])] + [str(part) for part in parts[1:] if isinstance(part, int)])
 
 
 @api.exception_handler(NinjaValidationError)
 def _invalid(request, exc: NinjaValidationError):
-    fields = {_field_name(e.get("loc", ())): e.get("msg", "invalid") for e in exc.errors}
     if any(e.get("type") == "json_invalid" for e in exc.errors):
         return error_response(400, "bad_json", "The body is not valid JSON.")
+    fields: dict[str, str] = {}
+    for e in exc.errors:
+        name = _field_name(e.get("loc", ()))
+        if name is None:
+            return error_response(400, "invalid", "The body must be a JSON object.")
+        fields.setdefault(name, e.get("msg", "invalid"))
     return error_response(400, "invalid", "The request is not valid.", fields)
 
 
@@ -156,9 +184,15 @@ def _forbidden(request, exc):
     return error_response(403, "forbidden", str(exc) or "You may not do this.")
 
 
+HTTP_ERROR_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found"}
+
+
 @api.exception_handler(HttpError)
 def _http_error(request, exc: HttpError):
-    return error_response(exc.status_code, "error", str(exc))
+    # django-ninja reports an unparsable body as HttpError(400) raised from the parser's error.
+    if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
+        return error_response(400, "bad_json", "The body is not valid JSON.")
+    return error_response(exc.status_code, HTTP_ERROR_CODES.get(exc.status_code, "error"), str(exc))
 
 
 # Schemas
@@ -174,9 +208,9 @@ class NotificationIn(Strict):
     level: Literal["info", "success", "warning", "error"] = "info"
     data: dict[str, Any] | None = None
     link: str | None = Field(None, max_length=2000)
-    users: list[int | str] | None = Field(None, description="Usernames or user ids.")
+    users: list[StrictInt | StrictStr] | None = Field(None, description="Usernames or user ids.")
     topic: str | None = Field(None, description="A topic slug.")
-    broadcast: bool = False
+    broadcast: StrictBool = False
 
 
 class NotificationOut(Schema):
@@ -204,7 +238,7 @@ class InboxOut(Schema):
 
 class InboxQuery(Schema):
     unread: bool = False
-    before: int | None = Field(None, ge=1)
+    before: int | None = Field(None, ge=1, le=MAX_ID)
     limit: int = Field(50, ge=1, le=selectors.INBOX_PAGE_MAX)
 
 
@@ -258,6 +292,11 @@ def _resolve_audience_users(values: list[int | str]) -> list:
     User = get_user_model()
     ids = [v for v in values if isinstance(v, int)]
     names = [v for v in values if isinstance(v, str)]
+    impossible = [i for i in ids if not 1 <= i <= MAX_ID]
+    if impossible:
+        raise ApiError(
+            400, "invalid", "The request is not valid.", {"users": f"Unknown or inactive user ids: {impossible[:20]}"}
+        )
     by_name = dict(
         User.objects.filter(**{f"{User.USERNAME_FIELD}__in": names}, is_active=True).values_list(
             User.USERNAME_FIELD, "pk"
@@ -312,14 +351,22 @@ def read_all(request):
     return {"unread_count": services.notification_mark_all_read(user=request.auth)}
 
 
+def _require_possible_id(notification_id: int) -> None:
+    """Ids outside the primary key range cannot exist: 404 without asking the database."""
+    if not 1 <= notification_id <= MAX_ID:
+        raise ApiError(404, "not_found", f"No notification with id(s) [{notification_id}] in your inbox.")
+
+
 @api.post("/notifications/{int:notification_id}/read/", response={200: ReadOut, **ERRORS}, summary="Mark read")
 def read_one(request, notification_id: int):
+    _require_possible_id(notification_id)
     count = services.notification_mark_read(user=request.auth, ids=[notification_id])
     return {"id": notification_id, "unread_count": count}
 
 
 @api.delete("/notifications/{int:notification_id}/", response={200: ReadOut, **ERRORS}, summary="Dismiss")
 def dismiss(request, notification_id: int):
+    _require_possible_id(notification_id)
     count = services.notification_dismiss(user=request.auth, notification_id=notification_id)
     return {"id": notification_id, "unread_count": count}
 

@@ -23,10 +23,11 @@ from channels.db import database_sync_to_async
 from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
+from django.db import transaction
 from django.http.request import validate_host
 from django.utils import timezone
 
-from . import protocol
+from . import protocol, push
 from .models import ApiToken, WsTicket
 
 TOKEN_PREFIX = "ntf"
@@ -64,6 +65,11 @@ def token_build(*, user, name: str = "", expires_at=None) -> tuple[ApiToken, str
 
 def token_authenticate(raw: str):
     """Return the active user of a raw token, or raise ``AuthFailure``."""
+    return token_lookup(raw).user
+
+
+def token_lookup(raw: str) -> ApiToken:
+    """Return the valid token (with its active ``user``) for a raw token, or raise ``AuthFailure``."""
     parts = raw.split("_", 2) if isinstance(raw, str) else []
     if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
         raise AuthFailure("invalid_token", "The token is not valid.")
@@ -79,11 +85,16 @@ def token_authenticate(raw: str):
         raise AuthFailure("user_inactive", "The user is inactive.", protocol.CLOSE_FORBIDDEN)
     if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
         ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
-    return token.user
+    return token
 
 
 def token_revoke(token: ApiToken) -> None:
-    ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    """Revoke a token and close every live connection opened with it (after commit)."""
+    with transaction.atomic():
+        ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        transaction.on_commit(lambda: push.connections_close(
+            [token.user_id], code=protocol.CLOSE_FORBIDDEN, reason="token revoked", token_id=token.pk
+        ))
 
 
 def ticket_issue(*, user) -> tuple[str, int]:
@@ -140,7 +151,7 @@ class WebSocketAuthMiddleware:
         self.inner = inner
 
     async def __call__(self, scope, receive, send):
-        scope = dict(scope)
+        scope = dict(scope, auth_token_id=None)
         try:
             scope["user"], scope["auth_method"] = await self.resolve(scope)
             scope["auth_error"] = None
@@ -157,8 +168,9 @@ class WebSocketAuthMiddleware:
                 "Tokens are not accepted in the URL; send 'Authorization: Bearer' or use a ticket.",
             )
         if "authorization" in headers:
-            raw = bearer_from_header(headers["authorization"])
-            return await database_sync_to_async(token_authenticate)(raw), "bearer"
+            token = await database_sync_to_async(token_lookup)(bearer_from_header(headers["authorization"]))
+            scope["auth_token_id"] = token.pk
+            return token.user, "bearer"
         if "ticket" in query:
             return await database_sync_to_async(ticket_consume)(query["ticket"][0]), "ticket"
         session = scope.get("session")

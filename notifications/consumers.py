@@ -6,6 +6,10 @@ and are written unchanged.
 """
 
 import logging
+import os
+import socket
+import time
+import uuid
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -14,10 +18,14 @@ from django.core.exceptions import PermissionDenied
 
 from . import protocol, selectors, services
 from .models import Notification, Topic
+from .net import scope_client_ip, scope_headers
+from .presence import Connection, get_presence
 from .protocol import ProtocolError
 from .push import BROADCAST_GROUP, topic_group, user_group
 
 logger = logging.getLogger(__name__)
+
+SERVER_ID = settings.NOTIFICATIONS["SERVER_ID"] or f"{socket.gethostname()}:{os.getpid()}"
 
 
 class NotificationConsumer(AsyncWebsocketConsumer):
@@ -30,6 +38,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.joined: set[str] = set()
         self.user = None
+        self.connection_id = uuid.uuid4().hex
         self.max_frame_bytes = max_frame_bytes or settings.NOTIFICATIONS["WS_MAX_FRAME_BYTES"]
 
     # Connection lifecycle
@@ -46,6 +55,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         slugs, unread = await self._initial_state()
         for group in [user_group(self.user.pk), BROADCAST_GROUP, *map(topic_group, slugs)]:
             await self._join(group)
+        await get_presence().add(self._presence_record(slugs))
         await self.send_frame(
             {
                 "type": "hello",
@@ -59,6 +69,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         )
 
     async def disconnect(self, code):
+        if self.user is not None:
+            await get_presence().remove(self.connection_id)
         for group in list(self.joined):
             await self._leave(group)
 
@@ -130,6 +142,13 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self._leave(group)
             await self.send_frame({"type": "unsubscribed", "topic": event["topic"]})
 
+    async def push_close(self, event):
+        """Close this connection (an admin disconnect, or its token was revoked)."""
+        if event.get("token_id") is not None and event["token_id"] != self.scope.get("auth_token_id"):
+            return
+        await self.send_frame(protocol.error_frame(protocol.DISCONNECTED, event["reason"]))
+        await self.close(code=event["code"], reason=event["reason"])
+
     # Helpers
 
     async def send_frame(self, frame: dict):
@@ -142,13 +161,33 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             frame["id"] = request.id
         return frame
 
+    def _topics(self) -> list[str]:
+        prefix = topic_group("")
+        return sorted(g.removeprefix(prefix) for g in self.joined if g.startswith(prefix))
+
+    def _presence_record(self, topics: list[str]) -> Connection:
+        return Connection(
+            id=self.connection_id,
+            user_id=self.user.pk,
+            username=self.user.get_username(),
+            since=time.time(),
+            ip=scope_client_ip(self.scope),
+            user_agent=scope_headers(self.scope).get("user-agent", "")[:300],
+            server=SERVER_ID,
+            topics=sorted(topics),
+        )
+
     async def _join(self, group: str):
         await self.channel_layer.group_add(group, self.channel_name)
         self.joined.add(group)
+        if self.user is not None and group.startswith(topic_group("")):
+            await get_presence().update_topics(self.connection_id, self._topics())
 
     async def _leave(self, group: str):
         self.joined.discard(group)
         await self.channel_layer.group_discard(group, self.channel_name)
+        if self.user is not None and group.startswith(topic_group("")):
+            await get_presence().update_topics(self.connection_id, self._topics())
 
     @database_sync_to_async
     def _initial_state(self) -> tuple[list[str], int]:

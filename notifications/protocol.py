@@ -28,6 +28,7 @@ BINARY_NOT_SUPPORTED = "binary_not_supported"
 SERVER_ERROR = "server_error"
 UNAUTHENTICATED = "unauthenticated"
 FRAME_TOO_LARGE = "frame_too_large"
+DISCONNECTED = "disconnected"
 
 MAX_IDS_PER_REQUEST = 100
 MAX_REQUEST_ID_LENGTH = 64

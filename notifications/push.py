@@ -79,3 +79,10 @@ def topic_followed(user_id: int, slug: str) -> None:
 
 def topic_unfollowed(user_id: int, slug: str) -> None:
     _send([(user_group(user_id), {"type": "push.unfollow", "topic": slug})])
+
+
+def connections_close(user_ids: Iterable[int], *, code: int, reason: str, token_id: int | None = None) -> None:
+    """Close every live connection of these users, on every server process (only those
+    opened with ``token_id`` when it is given)."""
+    message = {"type": "push.close", "code": code, "reason": reason, "token_id": token_id}
+    _send((user_group(user_id), message) for user_id in user_ids)

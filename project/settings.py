@@ -3,6 +3,7 @@
 Every variable is listed, with its default, in the README's configuration table.
 """
 
+import os
 from pathlib import Path
 
 import environ
@@ -70,8 +71,9 @@ DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several threads (database_sync_to_async) and processes share the file: wait for locks.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("timeout", 20)
-    # A file, not :memory:, so a test server in another process sees the test database.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / ".test-db.sqlite3")}
+    # A file, not :memory:, so a test server in another process sees the test database;
+    # one per test run, so parallel runs do not share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / f".test-db-{os.getpid()}.sqlite3")}
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
 
@@ -116,6 +118,17 @@ NOTIFICATIONS = {
     "API_MAX_BODY_BYTES": env.int("API_MAX_BODY_BYTES", default=256 * 1024),
     # Seconds a WebSocket ticket from POST /api/ws-ticket/ stays valid.
     "TICKET_TTL_SECONDS": env.int("WS_TICKET_TTL", default=30),
+    # Proxies whose X-Forwarded-For / X-Real-IP headers are believed (addresses or networks).
+    "TRUSTED_PROXIES": env.list("TRUSTED_PROXIES", default=[]),
+    # Where "who is online" lives: shared in Redis when REDIS_URL is set, else this process only.
+    "PRESENCE_BACKEND": env.str(
+        "PRESENCE_BACKEND",
+        default="notifications.presence.RedisPresence" if REDIS_URL else "notifications.presence.LocalPresence",
+    ),
+    # Seconds after which a connection of a crashed process disappears from "who is online".
+    "PRESENCE_TTL": env.int("PRESENCE_TTL", default=45),
+    # This server process's name in presence listings (default: host name and process id).
+    "SERVER_ID": env.str("SERVER_ID", default=""),
 }
 
 LOGGING = {
