@@ -1,12 +1,119 @@
-"""Admin pages. Sending from the admin goes through ``services.notification_send``."""
+"""Admin pages. Every send goes through ``services.notification_send`` (no second code path).
+
+Besides the model pages: "Send notification" (a form with a frame preview) and
+"Who is online" (presence across all server processes), linked from the
+notification list; actions to resend notifications and, on users, to notify or
+disconnect them.
+"""
+
+import json
+from collections import Counter
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.widgets import AutocompleteSelectMultiple
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db.models import Count
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils import timezone
 
-from . import services
-from .auth import token_create
-from .models import ApiToken, Audience, Notification, Topic
+from . import protocol, selectors, services
+from .auth import token_create, token_revoke
+from .models import ApiToken, Audience, Follow, Level, Notification, Topic
+from .presence import get_presence
+
+User = get_user_model()
+
+
+class SendForm(forms.Form):
+    """The "Send notification" form: content, then exactly one audience."""
+
+    AUDIENCES = [("users", "Selected users"), ("topic", "Followers of a topic"), ("broadcast", "Everyone")]
+
+    title = forms.CharField(max_length=services.TITLE_MAX)
+    body = forms.CharField(required=False, max_length=services.BODY_MAX, widget=forms.Textarea(attrs={"rows": 3}))
+    level = forms.ChoiceField(choices=Level.choices, initial=Level.INFO)
+    link = forms.CharField(required=False, max_length=2000, help_text="An http(s) URL or a path starting with /.")
+    data = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "placeholder": '{"key": "value"}'}),
+        help_text="A JSON object, delivered to clients unchanged.",
+    )
+    audience = forms.ChoiceField(choices=AUDIENCES, widget=forms.RadioSelect, initial="users")
+    users = forms.ModelMultipleChoiceField(
+        queryset=User.objects.filter(is_active=True),
+        required=False,
+        widget=AutocompleteSelectMultiple(Notification._meta.get_field("recipient"), admin.site),
+    )
+    topic = forms.ModelChoiceField(queryset=Topic.objects.all(), required=False, to_field_name="slug")
+
+    def clean_data(self):
+        text = self.cleaned_data["data"].strip()
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ValidationError(f"Not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValidationError("data must be a JSON object, like {\"key\": \"value\"}.")
+        return value
+
+    def clean(self):
+        data = super().clean()
+        audience = data.get("audience")
+        if audience == "users" and not data.get("users") and "users" not in self.errors:
+            self.add_error("users", "Choose at least one user, or another audience.")
+        if audience == "topic" and not data.get("topic") and "topic" not in self.errors:
+            self.add_error("topic", "Choose a topic, or another audience.")
+        return data
+
+    def audience_kwargs(self) -> dict:
+        audience = self.cleaned_data["audience"]
+        if audience == "users":
+            return {"users": list(self.cleaned_data["users"])}
+        if audience == "topic":
+            return {"topic": self.cleaned_data["topic"]}
+        return {"broadcast": True}
+
+    def send_kwargs(self) -> dict:
+        fields = ("title", "body", "level", "link", "data")
+        return {name: self.cleaned_data[name] for name in fields} | self.audience_kwargs()
+
+
+def _reach(kwargs: dict) -> tuple[int, int]:
+    """How many users an audience has, and how many open connections it reaches now."""
+    online = get_presence().online()
+    if "users" in kwargs:
+        ids = {u.pk for u in kwargs["users"]}
+        return len(ids), sum(1 for c in online if c.user_id in ids)
+    if "topic" in kwargs:
+        slug = kwargs["topic"].slug
+        return Follow.objects.filter(topic__slug=slug).count(), sum(1 for c in online if slug in c.topics)
+    return User.objects.filter(is_active=True).count(), len(online)
+
+
+def _preview_frame(kwargs: dict, actor) -> dict:
+    topic = kwargs.get("topic")
+    audience = Audience.USER if "users" in kwargs else Audience.TOPIC if topic else Audience.BROADCAST
+    sample = Notification(
+        id=0,
+        audience=audience,
+        topic=topic,
+        title=kwargs["title"],
+        body=kwargs["body"],
+        level=kwargs["level"],
+        data=kwargs["data"],
+        link=kwargs["link"],
+        actor=actor,
+        created_at=timezone.now(),
+    )
+    return protocol.notification_frame(sample)
 
 
 class NotificationAdminForm(forms.ModelForm):
@@ -21,10 +128,6 @@ class NotificationAdminForm(forms.ModelForm):
             self.add_error("recipient", "Choose the recipient of a user notification.")
         if audience == Audience.TOPIC and not data.get("topic"):
             self.add_error("topic", "Choose the topic of a topic notification.")
-        if audience != Audience.USER:
-            data["recipient"] = None
-        if audience != Audience.TOPIC:
-            data["topic"] = None
         if not isinstance(data.get("data"), dict):
             self.add_error("data", "data must be a JSON object.")
         return data
@@ -33,19 +136,36 @@ class NotificationAdminForm(forms.ModelForm):
 @admin.register(Notification)
 class NotificationAdmin(admin.ModelAdmin):
     form = NotificationAdminForm
-    list_display = ["title", "audience", "recipient", "topic", "level", "created_at"]
+    list_display = ["title", "audience_label", "level", "created_at", "read_by"]
     list_filter = ["level", "audience", "topic", "created_at"]
-    search_fields = ["title", "body"]
-    raw_id_fields = ["recipient", "actor"]
+    search_fields = ["title", "body", "recipient__username", "topic__slug"]
+    raw_id_fields = ["recipient"]
+    list_select_related = ["recipient", "topic"]
+    list_per_page = 50
+    date_hierarchy = "created_at"
     fields = ["audience", "recipient", "topic", "title", "body", "level", "link", "data"]
+    actions = ["resend"]
+    change_list_template = "admin/notifications/notification/change_list.html"
+
+    @admin.display(description="audience", ordering="audience")
+    def audience_label(self, obj):
+        if obj.audience == Audience.USER:
+            return f"user {obj.recipient}"
+        if obj.audience == Audience.TOPIC:
+            return f"topic {obj.topic}"
+        return "everyone"
+
+    @admin.display(description="read by")
+    def read_by(self, obj):
+        return selectors.read_count(obj)
 
     def get_readonly_fields(self, request, obj=None):
-        # A sent notification is history: editing it would not re-push, so it is read-only.
-        return self.fields if obj is not None else []
+        # A sent notification is history: editing it would not re-push it. Use "Resend" instead.
+        return [*self.fields, "read_by"] if obj is not None else []
 
     def save_model(self, request, obj, form, change):
         audience = {
-            Audience.USER: {"users": [obj.recipient] if obj.recipient else []},
+            Audience.USER: {"users": [obj.recipient]},
             Audience.TOPIC: {"topic": obj.topic},
             Audience.BROADCAST: {"broadcast": True},
         }[obj.audience]
@@ -53,17 +173,94 @@ class NotificationAdmin(admin.ModelAdmin):
             title=obj.title, body=obj.body, level=obj.level, data=obj.data, link=obj.link,
             actor=request.user, **audience,
         )
-        obj.pk = first.pk
-        obj.created_at = first.created_at
+        obj.pk, obj.created_at = first.pk, first.created_at
+
+    @admin.action(description="Resend selected notifications", permissions=["add"])
+    def resend(self, request, queryset):
+        sent = [services.notification_resend(notification=n, actor=request.user) for n in queryset]
+        self.message_user(request, f"Resent {len(sent)} notification(s).", messages.SUCCESS)
+
+    def get_urls(self):
+        own = [
+            path("send/", self.admin_site.admin_view(self.send_view), name="notifications_send"),
+            path("online/", self.admin_site.admin_view(self.online_view), name="notifications_online"),
+        ]
+        return own + super().get_urls()
+
+    def send_view(self, request):
+        if not self.has_add_permission(request):
+            raise PermissionDenied
+        initial = {}
+        if request.method == "GET" and request.GET.get("users"):
+            ids = [int(i) for i in request.GET["users"].split(",") if i.isdigit()]
+            initial = {"audience": "users", "users": User.objects.filter(pk__in=ids)}
+        form = SendForm(request.POST or None, initial=initial)
+        preview = None
+        if request.method == "POST" and form.is_valid():
+            kwargs = form.send_kwargs()
+            if "preview" in request.POST:
+                preview = json.dumps(_preview_frame(kwargs, request.user), indent=2, ensure_ascii=False)
+            else:
+                try:
+                    rows = services.notification_send(actor=request.user, **kwargs)
+                except ValidationError as exc:
+                    for field, errors in getattr(exc, "message_dict", {"__all__": exc.messages}).items():
+                        form.add_error(field if field in form.fields else None, errors)
+                else:
+                    users, connections = _reach(kwargs)
+                    self.message_user(
+                        request,
+                        f"Sent “{rows[0].title}” to {users} user(s); it reached {connections} open connection(s).",
+                        messages.SUCCESS,
+                    )
+                    return redirect("admin:notifications_notification_changelist")
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Send notification",
+            "opts": self.model._meta,
+            "form": form,
+            "media": self.media + form.media,
+            "preview": preview,
+        }
+        return TemplateResponse(request, "admin/notifications/send.html", context)
+
+    def online_view(self, request):
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        connections = get_presence().online()
+        by_user: dict[int, dict] = {}
+        for c in connections:
+            entry = by_user.setdefault(c.user_id, {"username": c.username, "connections": []})
+            entry["connections"].append(c)
+        topics = Counter(slug for c in connections for slug in c.topics)
+        now = timezone.now().timestamp()
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Who is online",
+            "opts": self.model._meta,
+            "users": sorted(by_user.values(), key=lambda e: e["username"]),
+            "connection_count": len(connections),
+            "topics": sorted(topics.items()),
+            "now": now,
+            "presence_ttl": settings.NOTIFICATIONS["PRESENCE_TTL"],
+        }
+        return TemplateResponse(request, "admin/notifications/online.html", context)
 
 
 @admin.register(Topic)
 class TopicAdmin(admin.ModelAdmin):
-    list_display = ["slug", "title", "private", "created_at"]
+    list_display = ["slug", "title", "private", "followers", "created_at"]
     list_filter = ["private"]
     search_fields = ["slug", "title"]
     prepopulated_fields = {"slug": ["title"]}
     filter_horizontal = ["members"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(follower_count=Count("follows", distinct=True))
+
+    @admin.display(description="followers", ordering="follower_count")
+    def followers(self, obj):
+        return obj.follower_count
 
 
 @admin.register(ApiToken)
@@ -80,10 +277,37 @@ class ApiTokenAdmin(admin.ModelAdmin):
         if change:
             return super().save_model(request, obj, form, change)
         token, raw = token_create(user=obj.user, name=obj.name, expires_at=obj.expires_at)
-        obj.pk = token.pk
+        obj.pk, obj.prefix, obj.created_at = token.pk, token.prefix, token.created_at
         messages.warning(request, f"Copy the token now; it will not be shown again: {raw}")
 
-    @admin.action(description="Revoke selected tokens")
+    @admin.action(description="Revoke selected tokens (closes their live connections)")
     def revoke(self, request, queryset):
-        count = queryset.filter(revoked_at__isnull=True).update(revoked_at=timezone.now())
-        self.message_user(request, f"Revoked {count} token(s).")
+        tokens = list(queryset.filter(revoked_at__isnull=True))
+        for token in tokens:
+            token_revoke(token)
+        self.message_user(request, f"Revoked {len(tokens)} token(s).")
+
+
+# The User admin gains two actions; the rest stays Django's.
+admin.site.unregister(User)
+
+
+@admin.register(User)
+class NotifyingUserAdmin(UserAdmin):
+    actions = [*(UserAdmin.actions or []), "send_notification", "disconnect"]
+
+    def has_send_notification_permission(self, request):
+        return request.user.has_perm("notifications.add_notification")
+
+    @admin.action(description="Send a notification to selected users", permissions=["send_notification"])
+    def send_notification(self, request, queryset):
+        ids = ",".join(str(pk) for pk in queryset.values_list("pk", flat=True))
+        return redirect(f"{reverse('admin:notifications_send')}?users={ids}")
+
+    @admin.action(
+        description="Disconnect selected users (close their live connections, code 4003)", permissions=["change"]
+    )
+    def disconnect(self, request, queryset):
+        ids = list(queryset.values_list("pk", flat=True))
+        services.users_disconnect(user_ids=ids)
+        self.message_user(request, f"Disconnected every live connection of {len(ids)} user(s).")

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.core.signals import setting_changed
@@ -42,6 +43,10 @@ class Connection:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    @property
+    def since_display(self) -> str:
+        return datetime.fromtimestamp(self.since, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 class BasePresence:

@@ -12,6 +12,7 @@ first; they are combined with ``UNION ALL`` (the parts are disjoint by audience)
 
 from collections.abc import Iterable
 
+from django.contrib.auth import get_user_model
 from django.db.models import BooleanField, Exists, ExpressionWrapper, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
@@ -109,3 +110,22 @@ def topics_for(user) -> QuerySet:
 
 def topic_readable_by(topic: Topic, user) -> bool:
     return not topic.private or topic.members.filter(pk=user.pk).exists()
+
+
+def read_count(notification: Notification) -> int:
+    """How many of the notification's recipients have read it (receipt or read watermark)."""
+    read_receipt = Exists(
+        Receipt.objects.filter(user=OuterRef("user_id"), notification=notification, read_at__isnull=False)
+    )
+    past_watermark = Exists(
+        InboxState.objects.filter(user=OuterRef("user_id"), read_watermark__gte=notification.pk)
+    )
+    if notification.audience == Audience.USER:
+        audience = get_user_model().objects.filter(pk=notification.recipient_id).annotate(user_id=F("pk"))
+    elif notification.audience == Audience.TOPIC:
+        audience = Follow.objects.filter(topic_id=notification.topic_id, created_at__lte=notification.created_at)
+    else:
+        audience = get_user_model().objects.filter(date_joined__lte=notification.created_at).annotate(
+            user_id=F("pk")
+        )
+    return audience.filter(read_receipt | past_watermark).count()

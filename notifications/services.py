@@ -12,7 +12,7 @@ from django.core.validators import URLValidator
 from django.db import transaction
 from django.utils import timezone
 
-from . import push, selectors
+from . import protocol, push, selectors
 from .models import Audience, Follow, InboxState, Level, Notification, Receipt, Topic
 
 TITLE_MAX = 200
@@ -212,3 +212,26 @@ def topic_unfollow(*, user, topic: Topic) -> bool:
         deleted, _ = Follow.objects.filter(user=user, topic=topic).delete()
         transaction.on_commit(lambda: push.topic_unfollowed(user.pk, topic.slug))
     return bool(deleted)
+
+
+def notification_resend(*, notification: Notification, actor=None) -> list[Notification]:
+    """Send a copy of a stored notification to the same audience (a new notification, pushed again)."""
+    audience = {
+        Audience.USER: {"users": [notification.recipient_id]},
+        Audience.TOPIC: {"topic": notification.topic},
+        Audience.BROADCAST: {"broadcast": True},
+    }[notification.audience]
+    return notification_send(
+        title=notification.title,
+        body=notification.body,
+        level=notification.level,
+        data=notification.data,
+        link=notification.link,
+        actor=actor or notification.actor,
+        **audience,
+    )
+
+
+def users_disconnect(*, user_ids: Iterable[int], reason: str = "disconnected by an administrator") -> None:
+    """Close every live connection of these users on every server process (close code 4003)."""
+    push.connections_close(list(user_ids), code=protocol.CLOSE_FORBIDDEN, reason=reason)

@@ -157,9 +157,11 @@ async def ws():
 
     opened: list[WebsocketCommunicator] = []
 
-    async def open_ws(token=None, *, headers=(), path=WS_PATH, subprotocols=None, hello=True):
+    async def open_ws(token=None, *, headers=(), path=WS_PATH, subprotocols=None, hello=True,
+                      client=("127.0.0.1", 50000)):
         all_headers = list(headers) + (bearer(token) if token else [])
         comm = WebsocketCommunicator(application, path, headers=all_headers, subprotocols=subprotocols)
+        comm.scope["client"] = client
         opened.append(comm)
         connected, _ = await comm.connect(timeout=5)
         assert connected
