@@ -13,7 +13,7 @@ from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
-from ninja import NinjaAPI, Query, Schema
+from ninja import NinjaAPI, Query, Schema, Status
 from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 from ninja.parser import Parser
@@ -68,6 +68,9 @@ class ApiErrorMiddleware:
         content_type = request.content_type or ""
         if request.body and content_type not in JSON_CONTENT_TYPES:
             return error_response(415, "unsupported_media_type", "Send the body as application/json.")
+        if request.method not in ("GET", "HEAD") and not request.path.endswith("/"):
+            # CommonMiddleware would redirect (clients replay the write as a GET) or, with DEBUG, fail.
+            return error_response(404, "not_found", "No such API endpoint (API paths end with '/').")
         response = self.get_response(request)
         if response.status_code in (404, 405) and response.get("Content-Type", "").startswith("text/html"):
             if response.status_code == 404:
@@ -208,7 +211,9 @@ class NotificationIn(Strict):
     level: Literal["info", "success", "warning", "error"] = "info"
     data: dict[str, Any] | None = None
     link: str | None = Field(None, max_length=2000)
-    users: list[StrictInt | StrictStr] | None = Field(None, description="Usernames or user ids.")
+    users: list[StrictInt | StrictStr] | None = Field(
+        None, max_length=services.USERS_MAX, description="Usernames or user ids."
+    )
     topic: str | None = Field(None, description="A topic slug.")
     broadcast: StrictBool = False
 
@@ -329,7 +334,7 @@ def send_notification(request, payload: NotificationIn):
         actor=user,
         **audience,
     )
-    return 201, {"notifications": [notification_payload(n, is_read=False) for n in rows]}
+    return Status(201, {"notifications": [notification_payload(n, is_read=False) for n in rows]})
 
 
 @api.get("/notifications/", response={200: InboxOut, **ERRORS}, summary="Your inbox, newest first")
@@ -395,4 +400,4 @@ def unfollow(request, slug: str):
 @api.post("/ws-ticket/", response={201: TicketOut, **ERRORS}, summary="A one-time WebSocket ticket")
 def ws_ticket(request):
     ticket, ttl = ticket_issue(user=request.auth)
-    return 201, {"ticket": ticket, "expires_in": ttl, "url": f"/ws/notifications/?ticket={ticket}"}
+    return Status(201, {"ticket": ticket, "expires_in": ttl, "url": f"/ws/notifications/?ticket={ticket}"})

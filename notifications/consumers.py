@@ -1,8 +1,9 @@
 """The WebSocket consumer: parse, authorize, call a service, send.
 
-Database work sits in ``database_sync_to_async`` helpers; nothing here blocks the
-event loop or loops per message. Frames from the channel layer arrive pre-encoded
-and are written unchanged.
+Live notifications do not come through a per-consumer channel: the process's hub
+(``notifications.hub``) receives each one once and queues the same pre-encoded frame
+in this connection's bounded ``Outbox``. Database work sits in
+``database_sync_to_async`` helpers; nothing here blocks the event loop.
 """
 
 import logging
@@ -10,18 +11,21 @@ import os
 import socket
 import time
 import uuid
+from datetime import timedelta
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
+from django.utils import timezone
 
 from . import protocol, selectors, services
+from .hub import Outbox, get_hub
 from .models import Notification, Topic
 from .net import scope_client_ip, scope_headers
 from .presence import Connection, get_presence
 from .protocol import ProtocolError
-from .push import BROADCAST_GROUP, topic_group, user_group
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +35,24 @@ SERVER_ID = settings.NOTIFICATIONS["SERVER_ID"] or f"{socket.gethostname()}:{os.
 class NotificationConsumer(AsyncWebsocketConsumer):
     """One WebSocket connection of one authenticated user.
 
-    Options come through ``NotificationConsumer.as_asgi(max_frame_bytes=...)``.
+    Options come through ``NotificationConsumer.as_asgi(max_frame_bytes=..., max_queued_frames=...)``.
     """
 
-    def __init__(self, *args, max_frame_bytes: int | None = None, **kwargs):
+    # No per-connection channel: the hub delivers (see notifications.hub).
+    channel_layer_alias = None
+
+    def __init__(self, *args, max_frame_bytes: int | None = None, max_queued_frames: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.joined: set[str] = set()
+        options = settings.NOTIFICATIONS
+        self.max_frame_bytes = max_frame_bytes or options["WS_MAX_FRAME_BYTES"]
+        self.max_queued_frames = max_queued_frames or options["WS_MAX_QUEUED_FRAMES"]
         self.user = None
+        self.hub = None
+        self.outbox: Outbox | None = None
         self.connection_id = uuid.uuid4().hex
-        self.max_frame_bytes = max_frame_bytes or settings.NOTIFICATIONS["WS_MAX_FRAME_BYTES"]
+        self.registered_cursor = 0
+        self.resumed = False
+        self.own_topic_requests: set[str] = set()
 
     # Connection lifecycle
 
@@ -51,28 +64,47 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self.send_frame(protocol.error_frame(failure.code, failure.message))
             await self.close(code=failure.close_code, reason=failure.message[:120])
             return
-        self.user = self.scope["user"]
-        slugs, unread = await self._initial_state()
-        for group in [user_group(self.user.pk), BROADCAST_GROUP, *map(topic_group, slugs)]:
-            await self._join(group)
-        await get_presence().add(self._presence_record(slugs))
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        try:
+            since = _resume_request(query)
+            self.hub = await get_hub()
+        except ProtocolError as error:
+            await self.send_frame(error.frame())
+            await self.close(code=protocol.CLOSE_POLICY)
+            return
+        except Exception as exc:
+            logger.error("cannot serve a connection: channel layer unavailable: %s: %s", type(exc).__name__, exc)
+            await self.send_frame(protocol.error_frame(protocol.UNAVAILABLE, "Try again later."))
+            await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
+            return
+        user = self.scope["user"]
+        slugs, unread, epoch = await self._initial_state(user)
+        self.user = user
+        self.outbox = Outbox(self, user_id=user.pk, topics=slugs, max_frames=self.max_queued_frames)
+        self.registered_cursor = self.hub.register(self.outbox)
+        if since is not None:
+            self.outbox.replaying = True  # before any await: live frames wait for the replay
         await self.send_frame(
             {
                 "type": "hello",
                 "protocol": protocol.SUBPROTOCOL,
                 "version": protocol.PROTOCOL_VERSION,
-                "user": {"id": self.user.pk, "username": self.user.get_username()},
+                "user": {"id": user.pk, "username": user.get_username()},
                 "unread_count": unread,
                 "topics": slugs,
+                "cursor": self.registered_cursor,
+                "epoch": epoch,
                 "max_frame_bytes": self.max_frame_bytes,
             }
         )
+        await get_presence().add(self._presence_record(slugs))
+        if since is not None:
+            await self._resume(since, epoch=query.get("epoch", [None])[0], request_id=None)
 
     async def disconnect(self, code):
-        if self.user is not None:
+        if self.outbox is not None:
+            self.hub.unregister(self.outbox)
             await get_presence().remove(self.connection_id)
-        for group in list(self.joined):
-            await self._leave(group)
 
     async def receive(self, text_data=None, bytes_data=None):
         if self.user is None:
@@ -107,14 +139,27 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     async def handle_ping(self, request):
         await self.send_frame(self._reply("pong", request))
 
+    async def handle_resume(self, request):
+        await self._resume(request.since, epoch=request.epoch, request_id=request.id)
+
     async def handle_subscribe(self, request):
-        await self._follow(request.topic, request.id)
-        await self._join(topic_group(request.topic))
+        self.own_topic_requests.add(request.topic)  # its echo from the hub needs no frame here
+        try:
+            await self._follow(request.topic, request.id)
+        finally:
+            self.own_topic_requests.discard(request.topic)
+        self.hub.follow(self.outbox, request.topic)
+        await self._update_presence()
         await self.send_frame(self._reply("subscribed", request, topic=request.topic))
 
     async def handle_unsubscribe(self, request):
-        await self._unfollow(request.topic, request.id)
-        await self._leave(topic_group(request.topic))
+        self.own_topic_requests.add(request.topic)
+        try:
+            await self._unfollow(request.topic, request.id)
+        finally:
+            self.own_topic_requests.discard(request.topic)
+        self.hub.unfollow(self.outbox, request.topic)
+        await self._update_presence()
         await self.send_frame(self._reply("unsubscribed", request, topic=request.topic))
 
     async def handle_mark_read(self, request):
@@ -125,29 +170,70 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         count = await self._mark_all_read()
         await self.send_frame(self._reply("ack", request, op="mark_all_read", unread_count=count))
 
-    # Channel layer events (sent only by notifications.push)
+    # Events for this user from the hub (sent by notifications.push)
 
-    async def push_frame(self, event):
-        await self.send(text_data=event["frame"])
+    def stream_user_event(self, outbox: Outbox, event: dict) -> None:
+        """Apply a per-user event; frames go through the outbox, in order with notifications."""
+        op = event.get("op")
+        if op == "frame":
+            outbox.put(event["frame"])
+        elif op in ("follow", "unfollow"):
+            slug = event["topic"]
+            changed = self.hub.follow(outbox, slug) if op == "follow" else self.hub.unfollow(outbox, slug)
+            if changed and slug not in self.own_topic_requests:
+                kind = "subscribed" if op == "follow" else "unsubscribed"
+                outbox.put(protocol.encode({"type": kind, "topic": slug}))
+                outbox.put(self._update_presence)
+        elif op == "close":
+            if event.get("token_id") is not None and event["token_id"] != self.scope.get("auth_token_id"):
+                return
+            outbox.put(protocol.encode(protocol.error_frame(protocol.DISCONNECTED, event["reason"])))
 
-    async def push_follow(self, event):
-        group = topic_group(event["topic"])
-        if group not in self.joined:
-            await self._join(group)
-            await self.send_frame({"type": "subscribed", "topic": event["topic"]})
+            async def close():
+                await self.close(code=event["code"], reason=event["reason"])
 
-    async def push_unfollow(self, event):
-        group = topic_group(event["topic"])
-        if group in self.joined:
-            await self._leave(group)
-            await self.send_frame({"type": "unsubscribed", "topic": event["topic"]})
+            outbox.put(close)
 
-    async def push_close(self, event):
-        """Close this connection (an admin disconnect, or its token was revoked)."""
-        if event.get("token_id") is not None and event["token_id"] != self.scope.get("auth_token_id"):
-            return
-        await self.send_frame(protocol.error_frame(protocol.DISCONNECTED, event["reason"]))
-        await self.close(code=event["code"], reason=event["reason"])
+    # Resume
+
+    async def _resume(self, since: int, *, epoch: str | None, request_id):
+        if self.resumed:
+            raise ProtocolError(protocol.INVALID, "This connection has already resumed.", request_id)
+        self.resumed = True
+        outbox = self.outbox
+        outbox.replaying = True
+        live_after, live_through = self.registered_cursor, outbox.last_id
+        outcome = await self._replay(since, epoch)
+        replayed_through = live_through
+        if outcome["recovered"]:
+            for notification in outcome.pop("rows"):
+                if live_after < notification.id <= live_through:
+                    continue  # already delivered live on this connection
+                payload = protocol.notification_payload(notification, is_read=notification.is_read)
+                outbox.put(protocol.encode({"type": "notification", **payload}))
+                replayed_through = max(replayed_through, notification.id)
+        outbox.release(replayed_through)
+        resumed = {"type": "resumed", **outcome, "cursor": outbox.last_id}
+        if request_id is not None:
+            resumed["id"] = request_id
+        outbox.put(protocol.encode(resumed))
+
+    @database_sync_to_async
+    def _replay(self, since: int, epoch: str | None) -> dict:
+        options = settings.NOTIFICATIONS
+        current_epoch = selectors.stream_epoch()
+        if epoch is not None and epoch != current_epoch:
+            return {"recovered": False, "reason": "epoch_changed", "count": 0}
+        if since > selectors.stream_head():
+            return {"recovered": False, "reason": "cursor_ahead", "count": 0}
+        first_missed = Notification.objects.filter(id__gt=since).order_by("id").values_list("created_at").first()
+        oldest_allowed = timezone.now() - timedelta(seconds=options["REPLAY_MAX_AGE"])
+        if first_missed is not None and first_missed[0] < oldest_allowed:
+            return {"recovered": False, "reason": "too_old", "count": 0}
+        rows = selectors.replay_for(self.user, since=since, limit=options["REPLAY_MAX_COUNT"] + 1)
+        if len(rows) > options["REPLAY_MAX_COUNT"]:
+            return {"recovered": False, "reason": "too_many", "count": 0}
+        return {"recovered": True, "count": len(rows), "rows": rows}
 
     # Helpers
 
@@ -161,11 +247,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             frame["id"] = request.id
         return frame
 
-    def _topics(self) -> list[str]:
-        prefix = topic_group("")
-        return sorted(g.removeprefix(prefix) for g in self.joined if g.startswith(prefix))
-
-    def _presence_record(self, topics: list[str]) -> Connection:
+    def _presence_record(self, topics) -> Connection:
         return Connection(
             id=self.connection_id,
             user_id=self.user.pk,
@@ -177,21 +259,12 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             topics=sorted(topics),
         )
 
-    async def _join(self, group: str):
-        await self.channel_layer.group_add(group, self.channel_name)
-        self.joined.add(group)
-        if self.user is not None and group.startswith(topic_group("")):
-            await get_presence().update_topics(self.connection_id, self._topics())
-
-    async def _leave(self, group: str):
-        self.joined.discard(group)
-        await self.channel_layer.group_discard(group, self.channel_name)
-        if self.user is not None and group.startswith(topic_group("")):
-            await get_presence().update_topics(self.connection_id, self._topics())
+    async def _update_presence(self):
+        await get_presence().update_topics(self.connection_id, sorted(self.outbox.topics))
 
     @database_sync_to_async
-    def _initial_state(self) -> tuple[list[str], int]:
-        return selectors.followed_topic_slugs(self.user), selectors.unread_count_for(self.user)
+    def _initial_state(self, user) -> tuple[list[str], int, str]:
+        return selectors.followed_topic_slugs(user), selectors.unread_count_for(user), selectors.stream_epoch()
 
     def _topic(self, slug: str, request_id) -> Topic:
         topic = Topic.objects.filter(slug=slug).first()
@@ -220,3 +293,10 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     @database_sync_to_async
     def _mark_all_read(self) -> int:
         return services.notification_mark_all_read(user=self.user)
+
+
+def _resume_request(query: dict) -> int | None:
+    """``?since=<cursor>`` in the URL asks for a resume before any live frame."""
+    if "since" not in query:
+        return None
+    return protocol.parse_cursor(query["since"][0])

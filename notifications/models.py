@@ -54,7 +54,24 @@ class Follow(models.Model):
         return f"{self.user_id} follows {self.topic_id}"
 
 
+class Stream(models.Model):
+    """The single row that numbers notifications: ``head`` is the last id given out.
+
+    ``notification_send`` increments it in the sending transaction, which holds its row lock
+    until commit: ids are gap-free and committed in id order, so an id is a cursor into
+    everyone's stream. ``epoch`` changes only if the database is replaced.
+    """
+
+    head = models.BigIntegerField(default=0)
+    epoch = models.CharField(max_length=32)
+
+    def __str__(self) -> str:
+        return f"stream {self.epoch}@{self.head}"
+
+
 class Notification(models.Model):
+    # Assigned from Stream.head by services.notification_send (gap-free, commit-ordered).
+    id = models.BigIntegerField(primary_key=True)
     audience = models.CharField(max_length=10, choices=Audience.choices)
     # Indexed by the composite (recipient, -id) and (topic, -id) indexes below.
     recipient = models.ForeignKey(

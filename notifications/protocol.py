@@ -12,10 +12,13 @@ PROTOCOL_VERSION = 1
 
 # Close codes (RFC 6455 codes and application codes in 4000-4999).
 CLOSE_NORMAL = 1000
+CLOSE_POLICY = 1008
 CLOSE_TOO_LARGE = 1009
 CLOSE_SERVER_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHENTICATED = 4001
 CLOSE_FORBIDDEN = 4003
+CLOSE_SLOW_CONSUMER = 4008
 
 # Error codes carried in ``{"type": "error", "code": ...}`` frames.
 BAD_JSON = "bad_json"
@@ -29,6 +32,7 @@ SERVER_ERROR = "server_error"
 UNAUTHENTICATED = "unauthenticated"
 FRAME_TOO_LARGE = "frame_too_large"
 DISCONNECTED = "disconnected"
+UNAVAILABLE = "unavailable"
 
 MAX_IDS_PER_REQUEST = 100
 MAX_REQUEST_ID_LENGTH = 64
@@ -67,6 +71,8 @@ class Request:
     id: Any = None
     topic: str | None = None
     ids: tuple[int, ...] = ()
+    since: int = 0
+    epoch: str | None = None
 
 
 def _request_id(frame: dict) -> Any:
@@ -108,12 +114,36 @@ def _ids(frame: dict, request_id: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+MAX_CURSOR = 2**63 - 1
+
+
+def parse_cursor(value, request_id: Any = None) -> int:
+    """A resume cursor: the id of the last notification the client saw (0 for none)."""
+    if isinstance(value, str) and value.isdigit() and len(value) < 20:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CURSOR:
+        raise ProtocolError(
+            INVALID, "'since' must be the id of the last notification received (an integer >= 0).", request_id,
+            {"since": "invalid"},
+        )
+    return value
+
+
+def _resume(frame: dict, request_id: Any) -> dict:
+    epoch = frame.get("epoch")
+    if epoch is not None and (not isinstance(epoch, str) or len(epoch) > 32):
+        raise ProtocolError(INVALID, "'epoch' must be the epoch string from hello.", request_id,
+                            {"epoch": "invalid"})
+    return {"since": parse_cursor(frame.get("since"), request_id), "epoch": epoch}
+
+
 _PARSERS = {
     "ping": lambda frame, rid: {},
     "mark_all_read": lambda frame, rid: {},
     "subscribe": lambda frame, rid: {"topic": _topic(frame, rid)},
     "unsubscribe": lambda frame, rid: {"topic": _topic(frame, rid)},
     "mark_read": lambda frame, rid: {"ids": _ids(frame, rid)},
+    "resume": _resume,
 }
 CLIENT_TYPES = tuple(_PARSERS)
 

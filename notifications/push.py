@@ -1,12 +1,14 @@
 """The only module that talks to the channel layer.
 
 Services call these functions from ``transaction.on_commit`` callbacks, so nothing is
-pushed for a transaction that rolls back. Every message is JSON-safe (strings, ints,
-bools) before ``group_send``, so it survives msgpack on Redis. A frame is encoded once
-per notification and written unchanged by every consumer that receives it.
+pushed for a transaction that rolls back. Everything goes to one group, ``stream``,
+whose members are the server processes' hubs (``notifications.hub``); each hub fans
+out to its local sockets. Messages hold only JSON-safe values (str, int, bool, None),
+so they survive msgpack on Redis. A notification frame is encoded once, here, and
+written unchanged to every socket that receives it.
 
-A failed push is logged and swallowed: the notification is stored, and clients catch
-up from the store (``GET /api/notifications/`` or, later, resume).
+A failed push is logged and swallowed: the notification is stored, and every hub
+finds it in the store (it watches the stream head), so connected clients still get it.
 """
 
 import logging
@@ -19,6 +21,7 @@ from . import protocol
 
 logger = logging.getLogger(__name__)
 
+STREAM_GROUP = "stream"
 BROADCAST_GROUP = "broadcast"
 
 
@@ -31,6 +34,7 @@ def topic_group(slug: str) -> str:
 
 
 def notification_group(notification) -> str:
+    """The audience of a notification, as the hub routes it: user.<id>, topic.<slug> or broadcast."""
     if notification.recipient_id is not None:
         return user_group(notification.recipient_id)
     if notification.topic_id is not None:
@@ -38,51 +42,56 @@ def notification_group(notification) -> str:
     return BROADCAST_GROUP
 
 
-def _frame(text: str) -> dict:
-    return {"type": "push.frame", "frame": text}
+def notification_message(notification) -> dict:
+    """The stream message of a stored notification (also rebuilt from the store by the hub)."""
+    return {
+        "type": "stream.notification",
+        "id": notification.id,
+        "group": notification_group(notification),
+        "frame": protocol.encode(protocol.notification_frame(notification)),
+    }
 
 
-def _send(messages: Iterable[tuple[str, dict]]) -> None:
+def _send(messages: Iterable[dict]) -> None:
     messages = list(messages)
-    if not messages:
-        return
     layer = get_channel_layer()
-    if layer is None:
+    if not messages or layer is None:
         return
 
     async def send_all() -> None:
-        for group, message in messages:
-            await layer.group_send(group, message)
+        for message in messages:
+            await layer.group_send(STREAM_GROUP, message)
 
     try:
         async_to_sync(send_all)()
-    except Exception as exc:  # the store is the source of truth; clients catch up from it
+    except Exception as exc:  # the store is the source of truth; hubs catch up from it
         logger.error("push failed for %d message(s): %s: %s", len(messages), type(exc).__name__, exc)
 
 
 def notifications_created(notifications: Iterable) -> None:
-    """Push each stored notification to its audience's group, one encoded frame each."""
-    _send(
-        (notification_group(n), _frame(protocol.encode(protocol.notification_frame(n))))
-        for n in notifications
-    )
+    """Push each stored notification to every server process, one encoded frame each."""
+    _send(notification_message(n) for n in notifications)
+
+
+def _user_event(user_id: int, op: str, **fields) -> dict:
+    return {"type": "stream.user", "user": user_id, "op": op, **fields}
 
 
 def unread_count_changed(user_id: int, count: int) -> None:
-    _send([(user_group(user_id), _frame(protocol.encode({"type": "unread_count", "count": count})))])
+    frame = protocol.encode({"type": "unread_count", "count": count})
+    _send([_user_event(user_id, "frame", frame=frame)])
 
 
 def topic_followed(user_id: int, slug: str) -> None:
-    """Tell every connection of the user to join the topic's group."""
-    _send([(user_group(user_id), {"type": "push.follow", "topic": slug})])
+    """Every connection of the user starts receiving the topic."""
+    _send([_user_event(user_id, "follow", topic=slug)])
 
 
 def topic_unfollowed(user_id: int, slug: str) -> None:
-    _send([(user_group(user_id), {"type": "push.unfollow", "topic": slug})])
+    _send([_user_event(user_id, "unfollow", topic=slug)])
 
 
 def connections_close(user_ids: Iterable[int], *, code: int, reason: str, token_id: int | None = None) -> None:
     """Close every live connection of these users, on every server process (only those
     opened with ``token_id`` when it is given)."""
-    message = {"type": "push.close", "code": code, "reason": reason, "token_id": token_id}
-    _send((user_group(user_id), message) for user_id in user_ids)
+    _send(_user_event(u, "close", code=code, reason=reason, token_id=token_id) for u in user_ids)

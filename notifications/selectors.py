@@ -16,7 +16,8 @@ from django.contrib.auth import get_user_model
 from django.db.models import BooleanField, Exists, ExpressionWrapper, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
-from .models import Audience, Follow, InboxState, Notification, Receipt, Topic
+from . import push
+from .models import Audience, Follow, InboxState, Notification, Receipt, Stream, Topic
 
 INBOX_PAGE_MAX = 100
 
@@ -63,14 +64,26 @@ def visible_ids(user, ids: Iterable[int]) -> set[int]:
 
 def unread_count_for(user) -> int:
     """How many visible notifications ``user`` has not read: one query."""
-    unread = Q(id__gt=_watermark(user)) & ~_receipts(user, read_at__isnull=False)
-    return _union_ids(_visible_parts(user, unread)).count()
+    return _union_ids(_visible_parts(user, ~_read(user))).count()
 
 
 def latest_visible_id(user) -> int:
     """The newest visible notification id (0 when there is none)."""
     rows = _union_ids(_visible_parts(user)).order_by("-id")[:1]
     return rows[0]["id"] if rows else 0
+
+
+def _read(user) -> Q:
+    return Q(id__lte=_watermark(user)) | _receipts(user, read_at__isnull=False)
+
+
+def _with_read_state(user, ids: list[int], order: str) -> list[Notification]:
+    return list(
+        Notification.objects.filter(id__in=ids)
+        .select_related("topic", "actor")
+        .annotate(is_read=ExpressionWrapper(_read(user), output_field=BooleanField()))
+        .order_by(order)
+    )
 
 
 def inbox_for(
@@ -80,17 +93,11 @@ def inbox_for(
     condition = Q()
     if before is not None:
         condition &= Q(id__lt=before)
-    read = Q(id__lte=_watermark(user)) | _receipts(user, read_at__isnull=False)
     if unread_only:
-        condition &= ~read
+        condition &= ~_read(user)
     limit = max(1, min(limit, INBOX_PAGE_MAX))
     page_ids = [row["id"] for row in _union_ids(_visible_parts(user, condition)).order_by("-id")[:limit]]
-    return list(
-        Notification.objects.filter(id__in=page_ids)
-        .select_related("topic", "actor")
-        .annotate(is_read=ExpressionWrapper(read, output_field=BooleanField()))
-        .order_by("-id")
-    )
+    return _with_read_state(user, page_ids, "-id")
 
 
 def followed_topic_slugs(user) -> list[str]:
@@ -129,3 +136,25 @@ def read_count(notification: Notification) -> int:
             user_id=F("pk")
         )
     return audience.filter(read_receipt | past_watermark).count()
+
+
+def stream_head() -> int:
+    """The id of the newest committed notification (0 when there is none)."""
+    return Stream.objects.filter(pk=1).values_list("head", flat=True).first() or 0
+
+
+def stream_epoch() -> str:
+    """Identifies this store; cursors from another epoch cannot be resumed."""
+    return Stream.objects.filter(pk=1).values_list("epoch", flat=True).first() or ""
+
+
+def stream_messages(first: int, last: int) -> list[dict]:
+    """The stream messages of notifications ``first..last`` (for a hub that missed them)."""
+    rows = Notification.objects.filter(id__gte=first, id__lte=last).select_related("topic", "actor").order_by("id")
+    return [push.notification_message(n) for n in rows]
+
+
+def replay_for(user, *, since: int, limit: int) -> list[Notification]:
+    """The user's visible notifications after ``since``, oldest first, at most ``limit``; each with ``is_read``."""
+    ids = [row["id"] for row in _union_ids(_visible_parts(user, Q(id__gt=since))).order_by("id")[:limit]]
+    return _with_read_state(user, ids, "id")

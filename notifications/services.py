@@ -3,6 +3,7 @@ and schedules its push with ``transaction.on_commit`` (through ``push``, the one
 """
 
 import json
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,10 +11,11 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import URLValidator
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from . import protocol, push, selectors
-from .models import Audience, Follow, InboxState, Level, Notification, Receipt, Topic
+from .models import Audience, Follow, InboxState, Level, Notification, Receipt, Stream, Topic
 
 TITLE_MAX = 200
 BODY_MAX = 10_000
@@ -124,17 +126,32 @@ def notification_send(
         "link": _validate_link(link),
         "actor": actor,
     }
+    if users is not None:
+        recipients = _resolve_users(users)
+        rows = [Notification(audience=Audience.USER, recipient=u, **fields) for u in recipients]
+    elif topic is not None:
+        rows = [Notification(audience=Audience.TOPIC, topic=_resolve_topic(topic), **fields)]
+    else:
+        rows = [Notification(audience=Audience.BROADCAST, **fields)]
     with transaction.atomic():
-        if users is not None:
-            rows = Notification.objects.bulk_create(
-                [Notification(audience=Audience.USER, recipient=u, **fields) for u in _resolve_users(users)]
-            )
-        elif topic is not None:
-            rows = [Notification.objects.create(audience=Audience.TOPIC, topic=_resolve_topic(topic), **fields)]
-        else:
-            rows = [Notification.objects.create(audience=Audience.BROADCAST, **fields)]
+        for row, notification_id in zip(rows, _reserve_ids(len(rows)), strict=True):
+            row.id = notification_id
+        Notification.objects.bulk_create(rows)
         transaction.on_commit(lambda: push.notifications_created(rows))
     return rows
+
+
+def _reserve_ids(count: int) -> range:
+    """The next ``count`` notification ids. The stream row stays locked until the sending
+    transaction commits, so ids are gap-free and committed in order (a cursor for resume).
+    Keep transactions that send short: concurrent sends wait for this lock."""
+    if not Stream.objects.filter(pk=1).update(head=F("head") + count):
+        # The row is created by a migration; a flushed test database loses it: a new epoch.
+        last = Notification.objects.order_by("-id").values_list("id", flat=True).first() or 0
+        Stream.objects.get_or_create(pk=1, defaults={"head": last, "epoch": secrets.token_hex(8)})
+        Stream.objects.filter(pk=1).update(head=F("head") + count)
+    head = Stream.objects.filter(pk=1).values_list("head", flat=True).get()
+    return range(head - count + 1, head + 1)
 
 
 def _push_unread_count_on_commit(user) -> int:

@@ -71,6 +71,8 @@ DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several threads (database_sync_to_async) and processes share the file: wait for locks.
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault("timeout", 20)
+    # Take the write lock at BEGIN: a sending transaction reads and bumps the stream head.
+    DATABASES["default"]["OPTIONS"].setdefault("transaction_mode", "IMMEDIATE")
     # A file, not :memory:, so a test server in another process sees the test database;
     # one per test run, so parallel runs do not share it.
     DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / f".test-db-{os.getpid()}.sqlite3")}
@@ -114,6 +116,15 @@ NOTIFICATIONS = {
     "WS_ALLOWED_ORIGINS": env.list("WS_ALLOWED_ORIGINS", default=[]),
     # Largest client WebSocket frame accepted; larger frames close the socket with 1009.
     "WS_MAX_FRAME_BYTES": env.int("WS_MAX_FRAME_BYTES", default=64 * 1024),
+    # Frames queued for one connection before it counts as a slow consumer (closed with 4008).
+    "WS_MAX_QUEUED_FRAMES": env.int("WS_MAX_QUEUED_FRAMES", default=1000),
+    # Resume: how far back a reconnecting client can catch up (seconds, and notifications).
+    "REPLAY_MAX_AGE": env.int("REPLAY_MAX_AGE", default=7 * 24 * 3600),
+    "REPLAY_MAX_COUNT": env.int("REPLAY_MAX_COUNT", default=500),
+    # The hub: how long an early notification waits for a missing earlier one before the
+    # store is read (seconds), and how often the stream head is checked for lost pushes.
+    "HUB_GAP_WAIT": env.float("HUB_GAP_WAIT", default=0.2),
+    "HUB_SYNC_INTERVAL": env.float("HUB_SYNC_INTERVAL", default=2.0),
     # Largest REST API request body; larger bodies get 413.
     "API_MAX_BODY_BYTES": env.int("API_MAX_BODY_BYTES", default=256 * 1024),
     # Seconds a WebSocket ticket from POST /api/ws-ticket/ stays valid.

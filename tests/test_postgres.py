@@ -22,11 +22,14 @@ def _plan(sql: str, params) -> str:
 def populated(alice, bob):
     topic = Topic.objects.create(slug="deploys", title="Deploys")
     Follow.objects.create(user=alice, topic=topic)
-    Notification.objects.bulk_create(
+    rows = (
         [Notification(audience=Audience.USER, recipient=bob, title=f"n{i}") for i in range(2000)]
         + [Notification(audience=Audience.TOPIC, topic=topic, title=f"t{i}") for i in range(200)]
         + [Notification(audience=Audience.BROADCAST, title=f"b{i}") for i in range(200)]
     )
+    for notification_id, row in enumerate(rows, start=1):
+        row.id = notification_id
+    Notification.objects.bulk_create(rows)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE notifications_notification")
     return topic

@@ -1,0 +1,342 @@
+"""The per-process hub: one channel-layer channel per server process, fanned out locally.
+
+Every push goes to the channel-layer group ``stream``, which has one member per server
+process: the hub's channel. The hub receives each message once, and hands the same
+pre-encoded frame to the outbox of every local socket in its audience. The channel
+layer (Redis across processes and machines) carries one copy per process, not one per
+socket, and no socket's channel can fill up or expire.
+
+Ordering and gaps: notification ids are gap-free and committed in id order (see
+``models.Stream``), so the hub knows which id comes next. It delivers in id order;
+a message that arrives early waits briefly for the missing ones, which are then read
+from the database. A message lost on the way (Redis restarted, a send that failed) is
+found the same way, by a periodic look at the stream head. So every connected socket
+receives every notification of its audience exactly once, in order, unless its own
+outbox overflows (then it is closed with 4008 and resumes).
+"""
+
+import asyncio
+import logging
+import time
+import weakref
+from collections import deque
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from . import protocol, selectors
+
+logger = logging.getLogger(__name__)
+
+STREAM_GROUP = "stream"
+
+
+class Outbox:
+    """One socket's bounded queue of outgoing frames, written by its own task in order.
+
+    ``last_id`` is the newest notification id accepted for this socket: the socket's cursor.
+    While ``replaying`` (a resume is reading the store), live notifications wait in
+    ``held`` and are released, minus the ones the replay already sent, afterwards.
+    """
+
+    def __init__(self, consumer, *, user_id: int, topics, max_frames: int):
+        self.consumer = consumer
+        self.user_id = user_id
+        self.topics: set[str] = set(topics)
+        self.max_frames = max_frames
+        self.last_id = 0
+        self.replaying = False
+        self.held: list[tuple[int, str]] = []
+        self.queue: deque = deque()
+        self.closed = False
+        self._wakeup: asyncio.Future | None = None
+        self.task = asyncio.get_running_loop().create_task(self._write())
+
+    def offer(self, notification_id: int, frame: str) -> None:
+        """Queue a notification frame unless this socket already has it."""
+        if self.closed or notification_id <= self.last_id:
+            return
+        if self.replaying:
+            self.held.append((notification_id, frame))
+            if len(self.held) > self.max_frames:
+                self.overflow()
+            return
+        self.last_id = notification_id
+        self.put(frame)
+
+    def put(self, item) -> None:
+        """Queue a frame (str) or a coroutine function to run in order with the frames."""
+        if self.closed:
+            return
+        self.queue.append(item)
+        if len(self.queue) > self.max_frames:
+            self.overflow()
+            return
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def release(self, replayed_through: int) -> None:
+        """End a replay: the store was read through ``replayed_through``; send what was held."""
+        self.last_id = max(self.last_id, replayed_through)
+        self.replaying = False
+        held, self.held = self.held, []
+        for notification_id, frame in held:
+            self.offer(notification_id, frame)
+
+    def overflow(self) -> None:
+        """The client does not read fast enough: close it (4008) so it reconnects and resumes."""
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.clear()
+        self.held.clear()
+        logger.warning("closing slow connection of user %s: more than %d frames queued", self.user_id,
+                       self.max_frames)
+        self.task.cancel()
+        asyncio.get_running_loop().create_task(
+            self.consumer.close(code=protocol.CLOSE_SLOW_CONSUMER, reason="slow consumer")
+        )
+
+    def stop(self) -> None:
+        self.closed = True
+        self.task.cancel()
+
+    async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self.queue:
+                item = self.queue.popleft()
+                if isinstance(item, str):
+                    await self.consumer.send(text_data=item)
+                else:
+                    await item()
+            self._wakeup = loop.create_future()
+            await self._wakeup
+
+
+class Hub:
+    """This process's single subscription to the stream, and its index of local sockets."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.channel: str | None = None
+        self.next_id = 1
+        self.pending: dict[int, dict] = {}
+        self.by_user: dict[int, set[Outbox]] = {}
+        self.by_topic: dict[str, set[Outbox]] = {}
+        self.everyone: set[Outbox] = set()
+        self.started: asyncio.Future | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.healthy = True
+        self.last_message_at = time.monotonic()
+        options = settings.NOTIFICATIONS
+        self.gap_wait = options["HUB_GAP_WAIT"]
+        self.sync_interval = options["HUB_SYNC_INTERVAL"]
+        self._fill_lock = asyncio.Lock()
+        self._gap_timer: asyncio.TimerHandle | None = None
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        """Subscribe this process to the stream (once; concurrent callers wait for the first)."""
+        if self.started is None:
+            self.started = asyncio.get_running_loop().create_future()
+            try:
+                self.channel = await self.layer.new_channel()
+                await self.layer.group_add(STREAM_GROUP, self.channel)
+                self.next_id = await database_sync_to_async(selectors.stream_head)() + 1
+            except BaseException as exc:
+                self.started.set_exception(exc)
+                self.started.exception()  # retrieved: later callers re-raise it themselves
+                self.started = None
+                raise
+            loop = asyncio.get_running_loop()
+            self.tasks = [loop.create_task(self._receive()), loop.create_task(self._sync())]
+            self.started.set_result(None)
+        await self.started
+
+    # Local sockets
+
+    def register(self, outbox: Outbox) -> int:
+        """Start delivering to ``outbox``; return the cursor it starts after."""
+        self.everyone.add(outbox)
+        self.by_user.setdefault(outbox.user_id, set()).add(outbox)
+        for slug in outbox.topics:
+            self.by_topic.setdefault(slug, set()).add(outbox)
+        cursor = self.next_id - 1
+        if not outbox.replaying:
+            outbox.last_id = cursor
+        return cursor
+
+    def unregister(self, outbox: Outbox) -> None:
+        outbox.stop()
+        self.everyone.discard(outbox)
+        _discard(self.by_user, outbox.user_id, outbox)
+        for slug in outbox.topics:
+            _discard(self.by_topic, slug, outbox)
+
+    def follow(self, outbox: Outbox, slug: str) -> bool:
+        """Route the topic to this socket; False if it already was."""
+        if slug in outbox.topics:
+            return False
+        outbox.topics.add(slug)
+        self.by_topic.setdefault(slug, set()).add(outbox)
+        return True
+
+    def unfollow(self, outbox: Outbox, slug: str) -> bool:
+        if slug not in outbox.topics:
+            return False
+        outbox.topics.discard(slug)
+        _discard(self.by_topic, slug, outbox)
+        return True
+
+    def connection_count(self) -> int:
+        return len(self.everyone)
+
+    # Receiving
+
+    async def _receive(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                message = await self.layer.receive(self.channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.healthy:
+                    logger.error("channel layer receive failed, retrying: %s: %s", type(exc).__name__, exc)
+                    self.healthy = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                await self._resubscribe()
+                continue
+            backoff = 0.1
+            self.last_message_at = time.monotonic()
+            try:
+                await self.dispatch(message)
+            except Exception:
+                logger.exception("hub failed to dispatch a %s message", message.get("type"))
+
+    async def _resubscribe(self) -> None:
+        """After a channel-layer failure: join the stream again, then read what was missed."""
+        try:
+            await self.layer.group_add(STREAM_GROUP, self.channel)
+        except Exception:
+            return
+        if not self.healthy:
+            logger.warning("channel layer is back; catching up from the store")
+            self.healthy = True
+        await self.fill_from_store()
+
+    async def _sync(self) -> None:
+        """Every ``sync_interval``: renew the group membership (channels-redis expires it) and
+        look at the stream head, to find notifications whose push was lost."""
+        seen_head = None
+        renew_every = max(1, int(getattr(self.layer, "group_expiry", 86400) / 2 / self.sync_interval))
+        ticks = 0
+        while True:
+            await asyncio.sleep(self.sync_interval)
+            ticks += 1
+            try:
+                if ticks % renew_every == 0:
+                    await self.layer.group_add(STREAM_GROUP, self.channel)
+                head = await database_sync_to_async(selectors.stream_head)()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("hub sync failed: %s: %s", type(exc).__name__, exc)
+                continue
+            # A head seen one interval ago that is still not delivered was lost on the way.
+            if seen_head is not None and seen_head >= self.next_id:
+                await self.fill_from_store(through=seen_head)
+            seen_head = head if head >= self.next_id else None
+
+    async def dispatch(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "stream.notification":
+            self._sequence(message)
+        elif kind == "stream.user":
+            self._to_user(message)
+        else:
+            logger.warning("hub ignored a message of type %r", kind)
+
+    def _sequence(self, message: dict) -> None:
+        notification_id = message["id"]
+        if notification_id < self.next_id:
+            return  # already delivered (from the store, or a duplicate)
+        self.pending[notification_id] = message
+        self._drain()
+        if self.pending and self._gap_timer is None:
+            loop = asyncio.get_running_loop()
+            self._gap_timer = loop.call_later(self.gap_wait, lambda: loop.create_task(self._fill_gap()))
+
+    def _drain(self) -> None:
+        while self.next_id in self.pending:
+            self._deliver(self.pending.pop(self.next_id))
+            self.next_id += 1
+
+    async def _fill_gap(self) -> None:
+        self._gap_timer = None
+        if self.pending:
+            await self.fill_from_store(through=max(self.pending) - 1)
+
+    async def fill_from_store(self, through: int | None = None) -> None:
+        """Deliver, in order, the notifications up to ``through`` (default: the head) that never arrived."""
+        async with self._fill_lock:
+            if through is None:
+                through = await database_sync_to_async(selectors.stream_head)()
+            if through < self.next_id:
+                return
+            rows = await database_sync_to_async(selectors.stream_messages)(self.next_id, through)
+            logger.info("hub read %d notification(s) %d..%d from the store", len(rows), self.next_id, through)
+            for message in rows:
+                if message["id"] >= self.next_id:
+                    self.pending.setdefault(message["id"], message)
+            # Ids with no row were deleted (cascade): nothing to deliver, skip them.
+            while self.next_id <= through:
+                if self.next_id in self.pending:
+                    self._deliver(self.pending.pop(self.next_id))
+                self.next_id += 1
+            self._drain()
+
+    def _deliver(self, message: dict) -> None:
+        audience, _, key = message["group"].partition(".")
+        if audience == "user":
+            targets = self.by_user.get(int(key), ())
+        elif audience == "topic":
+            targets = self.by_topic.get(key, ())
+        else:
+            targets = self.everyone
+        notification_id, frame = message["id"], message["frame"]
+        for outbox in list(targets):
+            outbox.offer(notification_id, frame)
+
+    def _to_user(self, message: dict) -> None:
+        for outbox in list(self.by_user.get(message["user"], ())):
+            outbox.consumer.stream_user_event(outbox, message)
+
+
+def _discard(index: dict, key, outbox: Outbox) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(outbox)
+        if not members:
+            del index[key]
+
+
+_hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub]" = weakref.WeakKeyDictionary()
+
+
+async def get_hub() -> Hub:
+    """This event loop's hub, started (subscribed to the stream)."""
+    loop = asyncio.get_running_loop()
+    layer = get_channel_layer()
+    hub = _hubs.get(loop)
+    if hub is None or hub.layer is not layer:
+        if hub is not None:
+            for task in hub.tasks:
+                task.cancel()
+        hub = _hubs[loop] = Hub(layer)
+    await hub.start()
+    return hub

@@ -1,0 +1,491 @@
+/**
+ * NotificationClient: a browser client for the `notifications.v1` WebSocket protocol.
+ *
+ * One file, no build step, no dependencies: copy it into your site, or serve it from
+ * this app (`{% static "notifications/client.js" %}`). The protocol is described in
+ * docs/protocol.md; this file follows it:
+ *
+ * - connects to /ws/notifications/ with the session cookie (same origin), or first
+ *   POSTs `ticketUrl` for a one-time ticket and connects with `?ticket=` (another origin);
+ * - offers the subprotocol `notifications.v1`;
+ * - reconnects after a lost connection with exponential backoff and full jitter
+ *   (a random delay in [0, min(maxDelay, baseDelay * 2^attempt)]), and starts the
+ *   backoff over once a connection has stayed up for `stableAfter` ms;
+ * - never reconnects after close 4001 (unauthenticated) or 4003 (forbidden): the status
+ *   becomes "offline" and `detail.reason` says why (a fresh ticket is fetched once after
+ *   `invalid_ticket`, since a ticket works only once);
+ * - keeps the unread count: `hello.unread_count`, +1 per new `notification` frame, and
+ *   the absolute count of `unread_count` and `ack` frames. Every tab has its own socket
+ *   and gets the same frames; a BroadcastChannel tells the other tabs of this browser
+ *   which items were read or dismissed, so their lists match too;
+ * - never reports the same notification twice (deduplicated by id);
+ * - on every (re)connect re-fetches the newest inbox page (`GET /api/notifications/`),
+ *   so anything sent while it was offline shows up (the store is the source of truth).
+ *   Notifications found that way that are newer than `lastSeenId` are reported with
+ *   source "missed". `catchUp()` is the one place where a `resume` frame can be sent.
+ *
+ * Usage:
+ *
+ *   const client = new NotificationClient({
+ *     onStatus(status, detail) { ... },        // "connecting" | "connected" | "reconnecting" | "offline"
+ *     onNotification(n, source) { ... },       // each new notification once; source "live" | "missed" | "inbox"
+ *     onChange(client) { ... },                // something in client.notifications / unreadCount / topics changed
+ *   });
+ *   client.start();
+ *   client.markRead([42]); client.markAllRead(); client.dismiss(42);
+ *   client.follow("deploys"); client.unfollow("deploys"); await client.fetchTopics();
+ *
+ * State you may read: client.status, client.unreadCount, client.notifications (newest
+ * first), client.topics (slugs followed), client.user, client.lastSeenId.
+ */
+(function (root) {
+  "use strict";
+
+  const SUBPROTOCOL = "notifications.v1";
+  const CLOSE_UNAUTHENTICATED = 4001;
+  const CLOSE_FORBIDDEN = 4003;
+
+  const DEFAULTS = {
+    url: "/ws/notifications/", // a path on this site, or an absolute ws(s):// or http(s):// URL
+    apiUrl: "/api/", // the REST API, for the inbox re-fetch, dismiss and topics; null: no REST calls
+    ticketUrl: null, // set for cross-origin use: POST here for {"ticket": ...} before each connect
+    credentials: "same-origin", // fetch() credentials for apiUrl and ticketUrl ("include" across origins)
+    csrfToken: () => readCookie("csrftoken"), // sent as X-CSRFToken on REST writes (Django session auth)
+    pageSize: 50, // how many notifications the inbox re-fetch asks for
+    baseDelay: 500, // ms: first reconnect delay bound
+    maxDelay: 30000, // ms: cap of the reconnect delay bound
+    stableAfter: 5000, // ms a connection must stay up before the backoff starts over
+    requestTimeout: 10000, // ms to wait for the reply to a client frame
+    broadcastChannel: true, // share read/dismissed state with the other tabs of this browser
+    onFrame: null, // (frame) => {}: every server frame, after the client has handled it
+    onStatus: null, // (status, detail) => {}
+    onNotification: null, // (notification, source) => {}
+    onUnreadCount: null, // (count) => {}
+    onChange: null, // (client) => {}
+    onError: null, // (error) => {}: a failed request (REST or WebSocket)
+  };
+
+  function readCookie(name) {
+    const match = document.cookie.match(new RegExp("(?:^|; )" + name + "=([^;]*)"));
+    return match ? decodeURIComponent(match[1]) : null;
+  }
+
+  /** The absolute WebSocket URL for a path or an http(s)/ws(s) URL. */
+  function wsUrl(url) {
+    const absolute = new URL(url, root.location.href);
+    if (absolute.protocol === "http:") absolute.protocol = "ws:";
+    if (absolute.protocol === "https:") absolute.protocol = "wss:";
+    return absolute;
+  }
+
+  class NotificationClient {
+    constructor(options = {}) {
+      this.options = Object.assign({}, DEFAULTS, options);
+      this.status = "idle";
+      this.user = null;
+      this.unreadCount = 0;
+      this.topics = new Set(); // slugs this user follows
+      this.lastSeenId = 0; // the newest notification id this client has seen
+      this._byId = new Map(); // id -> notification (the dedupe set and the list)
+      this._socket = null;
+      this._attempt = 0;
+      this._retryTimer = null;
+      this._stableTimer = null;
+      this._pending = new Map(); // request id -> {resolve, reject, timer}
+      this._nextRequestId = 1;
+      this._handshakeError = null;
+      this._caughtUpOnce = false;
+      this._channel = null;
+      this._stopped = true;
+      this._onOnline = () => this._retryNow();
+    }
+
+    /** Newest first. */
+    get notifications() {
+      return Array.from(this._byId.values()).sort((a, b) => b.id - a.id);
+    }
+
+    start() {
+      if (!this._stopped) return this;
+      this._stopped = false;
+      root.addEventListener("online", this._onOnline);
+      this._connect();
+      return this;
+    }
+
+    /** Close the connection and stop reconnecting. */
+    stop() {
+      this._stopped = true;
+      root.removeEventListener("online", this._onOnline);
+      clearTimeout(this._retryTimer);
+      clearTimeout(this._stableTimer);
+      if (this._socket) this._socket.close(1000);
+      this._socket = null;
+      if (this._channel) this._channel.close();
+      this._channel = null;
+      this._setStatus("offline", { reason: "stopped" });
+    }
+
+    // Connecting
+
+    async _connect() {
+      clearTimeout(this._retryTimer);
+      if (this._stopped) return;
+      this._setStatus(this._attempt === 0 && this.status === "idle" ? "connecting" : "reconnecting");
+      const url = wsUrl(this.options.url);
+      if (this.options.ticketUrl) {
+        let ticket;
+        try {
+          ticket = await this._fetchTicket();
+        } catch (error) {
+          if (error.status === 401 || error.status === 403) {
+            this._setStatus("offline", { reason: "signed_out", code: error.status });
+          } else {
+            this._scheduleReconnect();
+          }
+          return;
+        }
+        if (this._stopped) return;
+        url.searchParams.set("ticket", ticket);
+      }
+      this._handshakeError = null;
+      let socket;
+      try {
+        socket = new WebSocket(url.href, [SUBPROTOCOL]);
+      } catch (error) {
+        this._report(error);
+        this._setStatus("offline", { reason: "bad_url" });
+        return;
+      }
+      this._socket = socket;
+      socket.onmessage = (event) => this._receive(event);
+      socket.onclose = (event) => this._closed(socket, event);
+    }
+
+    async _fetchTicket() {
+      const headers = { Accept: "application/json" };
+      const csrf = this.options.csrfToken && this.options.csrfToken();
+      if (csrf) headers["X-CSRFToken"] = csrf;
+      const response = await fetch(this.options.ticketUrl, {
+        method: "POST",
+        credentials: this.options.credentials,
+        headers,
+      });
+      if (!response.ok) throw httpError(response, await response.json().catch(() => ({})));
+      return (await response.json()).ticket;
+    }
+
+    _closed(socket, event) {
+      if (socket !== this._socket) return; // an older socket
+      this._socket = null;
+      clearTimeout(this._stableTimer);
+      for (const [, request] of this._pending) {
+        clearTimeout(request.timer);
+        request.reject(new Error("connection closed"));
+      }
+      this._pending.clear();
+      if (this._stopped) return;
+      const error = this._handshakeError;
+      if (event.code === CLOSE_UNAUTHENTICATED || event.code === CLOSE_FORBIDDEN) {
+        const retryWithNewTicket = this.options.ticketUrl && error && error.code === "invalid_ticket" && this._attempt === 0;
+        if (!retryWithNewTicket) {
+          this._setStatus("offline", {
+            reason: event.code === CLOSE_UNAUTHENTICATED ? "signed_out" : "forbidden",
+            code: event.code,
+            error: error && error.code,
+          });
+          return;
+        }
+      }
+      this._scheduleReconnect();
+    }
+
+    _scheduleReconnect() {
+      if (this._stopped) return;
+      const bound = Math.min(this.options.maxDelay, this.options.baseDelay * 2 ** this._attempt);
+      const delay = Math.random() * bound; // full jitter
+      this._attempt += 1;
+      this._setStatus("reconnecting", { attempt: this._attempt, delay: Math.round(delay) });
+      clearTimeout(this._retryTimer);
+      this._retryTimer = setTimeout(() => this._connect(), delay);
+    }
+
+    _retryNow() {
+      if (this.status === "reconnecting" && !this._socket) this._connect();
+    }
+
+    // Receiving
+
+    _receive(event) {
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch (error) {
+        this._report(error);
+        return;
+      }
+      const handler = this["_on_" + frame.type];
+      if (handler) handler.call(this, frame);
+      if (frame.id !== undefined && this._pending.has(frame.id)) {
+        const request = this._pending.get(frame.id);
+        this._pending.delete(frame.id);
+        clearTimeout(request.timer);
+        if (frame.type === "error") request.reject(Object.assign(new Error(frame.message), { code: frame.code }));
+        else request.resolve(frame);
+      }
+      if (this.options.onFrame) this.options.onFrame(frame);
+    }
+
+    _on_hello(frame) {
+      this.user = frame.user;
+      this.unreadCount = frame.unread_count;
+      this.topics = new Set(frame.topics);
+      this._openChannel();
+      clearTimeout(this._stableTimer);
+      this._stableTimer = setTimeout(() => (this._attempt = 0), this.options.stableAfter);
+      this._setStatus("connected", { user: frame.user });
+      this._countChanged();
+      this.catchUp();
+    }
+
+    _on_notification(frame) {
+      const { type, ...notification } = frame;
+      if (this._add(notification, "live") && !notification.read) {
+        this.unreadCount += 1;
+        this._countChanged();
+      }
+    }
+
+    _on_unread_count(frame) {
+      this._setCount(frame.count);
+    }
+
+    _on_ack(frame) {
+      this._setCount(frame.unread_count);
+    }
+
+    _on_subscribed(frame) {
+      this.topics.add(frame.topic);
+      this._changed();
+    }
+
+    _on_unsubscribed(frame) {
+      this.topics.delete(frame.topic);
+      this._changed();
+    }
+
+    _on_error(frame) {
+      if (frame.id === undefined) this._handshakeError = frame; // the reason before a 4001/4003 close
+      this._report(Object.assign(new Error(frame.message), { code: frame.code }));
+    }
+
+    _setCount(count) {
+      this.unreadCount = count;
+      if (count === 0) {
+        for (const n of this._byId.values()) n.read = true; // nothing is unread anywhere
+      }
+      this._countChanged();
+    }
+
+    /** Remember a notification; report it once. Returns false for an id already seen. */
+    _add(notification, source) {
+      if (this._byId.has(notification.id)) return false;
+      this._byId.set(notification.id, notification);
+      this.lastSeenId = Math.max(this.lastSeenId, notification.id);
+      if (this.options.onNotification) this.options.onNotification(notification, source);
+      this._changed();
+      return true;
+    }
+
+    // Catching up
+
+    /**
+     * Re-read the newest inbox page after each (re)connect and merge it: new items are
+     * added (source "missed" when newer than what this client saw before), read states
+     * are refreshed, and items dismissed elsewhere are dropped.
+     *
+     * When the server offers replay, send `{"type": "resume", "after": lastSeenId}` here.
+     */
+    async catchUp() {
+      if (!this.options.apiUrl) return;
+      const seenBefore = this._caughtUpOnce ? this.lastSeenId : Infinity;
+      let page;
+      try {
+        page = await this._api("GET", `notifications/?limit=${this.options.pageSize}`);
+      } catch (error) {
+        this._report(error);
+        return;
+      }
+      this._caughtUpOnce = true;
+      const fresh = new Map(page.results.map((n) => [n.id, n]));
+      const oldest = page.next_before === null ? 0 : Math.min(...fresh.keys());
+      for (const [id, known] of this._byId) {
+        if (id >= oldest && !fresh.has(id) && id <= Math.max(0, ...fresh.keys())) this._byId.delete(id);
+        else if (fresh.has(id)) known.read = fresh.get(id).read;
+      }
+      for (const n of page.results.slice().reverse()) {
+        this._add(n, n.id > seenBefore ? "missed" : "inbox");
+      }
+      this._changed();
+    }
+
+    // Requests
+
+    /** Send a client frame and wait for its reply (rejects on an error frame or a timeout). */
+    request(frame) {
+      const socket = this._socket;
+      if (!socket || socket.readyState !== WebSocket.OPEN || this.status !== "connected") {
+        return Promise.reject(new Error("not connected"));
+      }
+      const id = `c${this._nextRequestId++}`;
+      return new Promise((resolve, reject) => {
+        const timer = setTimeout(() => {
+          this._pending.delete(id);
+          reject(new Error(`no reply to ${frame.type} within ${this.options.requestTimeout} ms`));
+        }, this.options.requestTimeout);
+        this._pending.set(id, { resolve, reject, timer });
+        socket.send(JSON.stringify(Object.assign({}, frame, { id })));
+      });
+    }
+
+    get connected() {
+      return this.status === "connected";
+    }
+
+    /** Mark notifications read (over the socket when connected, else through the REST API). */
+    async markRead(ids) {
+      ids = ids.filter((id) => this._byId.has(id) && !this._byId.get(id).read);
+      if (!ids.length) return;
+      this._applyLocally({ op: "read", ids }, true);
+      try {
+        if (this.connected) await this.request({ type: "mark_read", ids });
+        else for (const id of ids) this._setCount((await this._api("POST", `notifications/${id}/read/`)).unread_count);
+      } catch (error) {
+        this._report(error);
+      }
+    }
+
+    async markAllRead() {
+      this._applyLocally({ op: "all_read" }, true);
+      try {
+        if (this.connected) await this.request({ type: "mark_all_read" });
+        else this._setCount((await this._api("POST", "notifications/read-all/")).unread_count);
+      } catch (error) {
+        this._report(error);
+      }
+    }
+
+    /** Remove a notification from the inbox (REST only: the protocol has no dismiss frame). */
+    async dismiss(id) {
+      this._applyLocally({ op: "dismissed", id }, true);
+      try {
+        const reply = await this._api("DELETE", `notifications/${id}/`);
+        if (!this.connected) this._setCount(reply.unread_count);
+      } catch (error) {
+        this._report(error);
+      }
+    }
+
+    async follow(slug) {
+      return this._follow(slug, true);
+    }
+
+    async unfollow(slug) {
+      return this._follow(slug, false);
+    }
+
+    async _follow(slug, following) {
+      try {
+        if (this.connected) await this.request({ type: following ? "subscribe" : "unsubscribe", topic: slug });
+        else await this._api(following ? "POST" : "DELETE", `topics/${encodeURIComponent(slug)}/follow/`);
+        following ? this.topics.add(slug) : this.topics.delete(slug);
+        this._changed();
+        return true;
+      } catch (error) {
+        this._report(error);
+        return false;
+      }
+    }
+
+    /** The topics this user may follow: [{slug, title, private, following}]. */
+    async fetchTopics() {
+      const { results } = await this._api("GET", "topics/");
+      for (const topic of results) {
+        if (topic.following) this.topics.add(topic.slug);
+        else this.topics.delete(topic.slug);
+      }
+      this._changed();
+      return results;
+    }
+
+    async _api(method, path, body) {
+      const headers = { Accept: "application/json" };
+      if (method !== "GET") {
+        const csrf = this.options.csrfToken && this.options.csrfToken();
+        if (csrf) headers["X-CSRFToken"] = csrf;
+      }
+      if (body !== undefined) headers["Content-Type"] = "application/json";
+      const response = await fetch(this.options.apiUrl + path, {
+        method,
+        headers,
+        credentials: this.options.credentials,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+      const data = await response.json().catch(() => ({}));
+      if (!response.ok) throw httpError(response, data);
+      return data;
+    }
+
+    // Other tabs of this browser
+
+    _openChannel() {
+      if (!this.options.broadcastChannel || this._channel || !root.BroadcastChannel) return;
+      this._channel = new BroadcastChannel(`notifications.${this.user.id}`);
+      this._channel.onmessage = (event) => this._applyLocally(event.data, false);
+    }
+
+    /** Apply a read/dismiss locally; tell the other tabs when it happened here. */
+    _applyLocally(change, tellOthers) {
+      if (change.op === "read") {
+        for (const id of change.ids) if (this._byId.has(id)) this._byId.get(id).read = true;
+      } else if (change.op === "all_read") {
+        for (const n of this._byId.values()) n.read = true;
+      } else if (change.op === "dismissed") {
+        this._byId.delete(change.id);
+      }
+      if (tellOthers && this._channel) this._channel.postMessage(change);
+      this._changed();
+    }
+
+    // Reporting
+
+    _setStatus(status, detail = {}) {
+      const same = status === this.status;
+      this.status = status;
+      if (this.options.onStatus && !(same && status !== "reconnecting")) this.options.onStatus(status, detail);
+    }
+
+    _countChanged() {
+      if (this.options.onUnreadCount) this.options.onUnreadCount(this.unreadCount);
+      this._changed();
+    }
+
+    _changed() {
+      if (this.options.onChange) this.options.onChange(this);
+    }
+
+    _report(error) {
+      if (this.options.onError) this.options.onError(error);
+    }
+  }
+
+  function httpError(response, data) {
+    const error = (data && data.error) || {};
+    return Object.assign(new Error(error.message || `HTTP ${response.status}`), {
+      status: response.status,
+      code: error.code,
+    });
+  }
+
+  root.NotificationClient = NotificationClient;
+})(typeof window !== "undefined" ? window : globalThis);
