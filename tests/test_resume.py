@@ -1,0 +1,221 @@
+"""Delivery guarantees: cursors, resume after reconnect, no duplicates or gaps at the seam,
+lost pushes recovered from the store, slow consumers closed with 4008."""
+
+import asyncio
+import random
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+
+from notifications import push, selectors, services
+from notifications.auth import WebSocketAuthMiddlewareStack
+from notifications.consumers import NotificationConsumer
+from notifications.models import Topic
+
+from .conftest import WS_PATH, bearer
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+send = sync_to_async(services.notification_send)
+
+
+async def receive_notifications(comm, count: int) -> list[dict]:
+    frames = [await comm.receive_json_from(timeout=5) for _ in range(count)]
+    assert all(f["type"] == "notification" for f in frames), frames
+    return frames
+
+
+async def test_notification_ids_are_the_cursor_and_grow_by_one(layer, ws, alice, alice_token):
+    comm, hello = await ws(alice_token)
+    sent = [(await send(users=[alice], title=f"n{i}"))[0].pk for i in range(3)]
+    frames = await receive_notifications(comm, 3)
+    assert [f["id"] for f in frames] == sent == [hello["cursor"] + 1, hello["cursor"] + 2, hello["cursor"] + 3]
+
+
+async def test_resume_in_the_url_replays_what_was_missed_in_order_then_resumed(layer, ws, alice, alice_token, bob):
+    topic = await sync_to_async(Topic.objects.create)(slug="deploys", title="Deploys")
+    await sync_to_async(services.topic_follow)(user=alice, topic=topic)
+    comm, hello = await ws(alice_token)
+    await comm.disconnect()
+    missed = [
+        (await send(users=[alice], title="personal"))[0],
+        (await send(users=[bob], title="not alice's"))[0],
+        (await send(topic="deploys", title="topic"))[0],
+        (await send(broadcast=True, title="everyone"))[0],
+    ]
+    await sync_to_async(services.notification_mark_read)(user=alice, ids=[missed[0].pk])
+    comm, hello2 = await ws(alice_token, path=f"{WS_PATH}?since={hello['cursor']}&epoch={hello['epoch']}")
+    frames = await receive_notifications(comm, 3)
+    assert [(f["id"], f["title"], f["read"]) for f in frames] == [
+        (missed[0].pk, "personal", True), (missed[2].pk, "topic", False), (missed[3].pk, "everyone", False),
+    ]
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "resumed", "recovered": True, "count": 3, "cursor": missed[3].pk,
+    }
+    # Live frames continue after the replay.
+    (live,) = await send(users=[alice], title="live")
+    assert (await comm.receive_json_from(timeout=5))["id"] == live.pk
+
+
+async def test_resume_frame_replays_only_what_this_connection_has_not_seen(layer, ws, alice, alice_token):
+    first = (await send(users=[alice], title="before"))[0]
+    comm, hello = await ws(alice_token)
+    (live,) = await send(users=[alice], title="live")
+    assert (await comm.receive_json_from(timeout=5))["id"] == live.pk
+    await comm.send_json_to({"type": "resume", "since": first.pk - 1, "epoch": hello["epoch"], "id": "r"})
+    frame = await comm.receive_json_from(timeout=5)
+    assert (frame["type"], frame["id"]) == ("notification", first.pk)
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "resumed", "recovered": True, "count": 2, "cursor": live.pk, "id": "r",
+    }
+
+
+async def test_resume_twice_on_one_connection_is_an_error(layer, ws, alice_token):
+    comm, hello = await ws(alice_token)
+    await comm.send_json_to({"type": "resume", "since": hello["cursor"]})
+    assert (await comm.receive_json_from(timeout=5))["type"] == "resumed"
+    await comm.send_json_to({"type": "resume", "since": hello["cursor"], "id": 2})
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "error", "code": "invalid", "message": "This connection has already resumed.", "id": 2,
+    }
+
+
+async def test_resume_from_another_epoch_is_not_recovered(layer, ws, alice, alice_token):
+    await send(users=[alice], title="x")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=0&epoch=someotherepoch")
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "resumed", "recovered": False, "reason": "epoch_changed", "count": 0, "cursor": hello["cursor"],
+    }
+
+
+async def test_resume_from_a_cursor_ahead_of_the_store_is_not_recovered(layer, ws, alice_token):
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=999999")
+    assert (await comm.receive_json_from(timeout=5))["reason"] == "cursor_ahead"
+
+
+async def test_resume_of_too_many_is_not_recovered(layer, ws, alice, alice_token, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REPLAY_MAX_COUNT": 2}
+    for i in range(3):
+        await send(users=[alice], title=f"n{i}")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "resumed", "recovered": False, "reason": "too_many", "count": 0, "cursor": hello["cursor"],
+    }
+
+
+async def test_resume_older_than_the_retention_window_is_not_recovered(layer, ws, alice, alice_token, settings):
+    await send(users=[alice], title="old")
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REPLAY_MAX_AGE": -1}
+    comm, _ = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    assert (await comm.receive_json_from(timeout=5))["reason"] == "too_old"
+
+
+@pytest.mark.parametrize("query", ["since=abc", "since=-1", "since=99999999999999999999999"])
+async def test_bad_since_in_the_url_is_an_error_and_close_1008(layer, ws, alice_token, query):
+    comm = await ws(alice_token, path=f"{WS_PATH}?{query}", hello=False)
+    assert (await comm.receive_json_from(timeout=5))["code"] == "invalid"
+    assert (await comm.receive_output(timeout=5))["code"] == 1008
+
+
+async def test_replay_never_shows_another_users_notifications(layer, ws, alice, bob, alice_token):
+    private = await sync_to_async(Topic.objects.create)(slug="secret", title="Secret", private=True)
+    await sync_to_async(private.members.add)(bob)
+    await sync_to_async(services.topic_follow)(user=bob, topic=private)
+    await send(users=[bob], title="bob only")
+    await send(topic="secret", title="members only")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "resumed", "recovered": True, "count": 0, "cursor": hello["cursor"],
+    }
+
+
+async def test_reconnecting_many_times_while_sending_loses_and_duplicates_nothing(layer, alice, bob, alice_token):
+    """The seam: notifications committed while a client reconnects and replays arrive exactly once, in order."""
+    from project.asgi import application
+
+    total = 120
+    sent: list[int] = []
+
+    async def sender():
+        for i in range(total):
+            kwargs = random.choice([{"users": [alice]}, {"broadcast": True}, {"users": [bob]}])
+            (row,) = await send(title=f"n{i}", **kwargs)
+            if "broadcast" in kwargs or kwargs["users"] == [alice]:
+                sent.append(row.pk)
+            await asyncio.sleep(random.random() / 200)
+
+    received: list[int] = []
+    cursor = await sync_to_async(selectors.stream_head)()
+    task = asyncio.create_task(sender())
+    reconnects = 0
+    while not task.done() or (not received or received[-1] < max(sent, default=0)):
+        comm = WebsocketCommunicator(application, f"{WS_PATH}?since={cursor}", headers=bearer(alice_token))
+        await comm.connect()
+        assert (await comm.receive_json_from(timeout=5))["type"] == "hello"
+        for _ in range(random.randint(1, 8)):
+            if await comm.receive_nothing(timeout=0.3):
+                break
+            frame = await comm.receive_json_from(timeout=5)
+            if frame["type"] == "notification":
+                received.append(frame["id"])
+                cursor = frame["id"]
+        await comm.disconnect()
+        reconnects += 1
+        assert reconnects < 500
+    await task
+    assert received == sent, (len(received), len(sent))
+    assert reconnects > 10
+
+
+async def test_a_lost_push_is_recovered_from_the_store_in_order(layer, ws, alice, alice_token, monkeypatch):
+    comm, _ = await ws(alice_token)
+    real = push.notifications_created
+    monkeypatch.setattr(push, "notifications_created", lambda rows: None)
+    (lost,) = await send(users=[alice], title="lost on the way")
+    monkeypatch.setattr(push, "notifications_created", real)
+    (later,) = await send(users=[alice], title="later")
+    frames = await receive_notifications(comm, 2)
+    assert [f["id"] for f in frames] == [lost.pk, later.pk]
+
+
+async def test_a_lost_last_push_is_found_by_the_stream_head_check(layer, ws, alice, alice_token, monkeypatch,
+                                                                  settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "HUB_SYNC_INTERVAL": 0.2}
+    comm, _ = await ws(alice_token)
+    monkeypatch.setattr(push, "notifications_created", lambda rows: None)
+    (lost,) = await send(users=[alice], title="lost, and nothing after it")
+    frame = await comm.receive_json_from(timeout=5)
+    assert (frame["id"], frame["title"]) == (lost.pk, "lost, and nothing after it")
+
+
+class BlockedConsumer(NotificationConsumer):
+    """A client that stops reading: after hello, nothing it is sent is ever written."""
+
+    async def send(self, text_data=None, bytes_data=None, close=False):
+        if text_data and '"type":"hello"' not in text_data:
+            await asyncio.Event().wait()
+        await super().send(text_data=text_data, bytes_data=bytes_data, close=close)
+
+
+async def test_slow_consumer_is_closed_with_4008_and_others_keep_receiving(layer, ws, alice, alice_token,
+                                                                           bob_token):
+    app = WebSocketAuthMiddlewareStack(BlockedConsumer.as_asgi(max_queued_frames=5))
+    slow = WebsocketCommunicator(app, WS_PATH, headers=bearer(alice_token))
+    await slow.connect()
+    assert (await slow.receive_json_from(timeout=5))["type"] == "hello"
+    fast, _ = await ws(bob_token)
+    sent = [(await send(broadcast=True, title=f"b{i}"))[0].pk for i in range(12)]
+    assert [f["id"] for f in await receive_notifications(fast, 12)] == sent
+    assert await slow.receive_output(timeout=5) == {"type": "websocket.close", "code": 4008, "reason": "slow consumer"}
+    await slow.disconnect()
+
+
+async def test_hello_cursor_is_the_stream_head(layer, ws, alice):
+    await send(broadcast=True, title="x")
+    head = await sync_to_async(selectors.stream_head)()
+    from .conftest import token_for
+
+    token = await sync_to_async(token_for)(alice)
+    _, hello = await ws(token)
+    assert hello["cursor"] == head
