@@ -178,3 +178,20 @@ class WsTicket(models.Model):
 
     def __str__(self) -> str:
         return f"ticket for {self.user_id}"
+
+
+class IdempotencyKey(models.Model):
+    """A send that may be retried: the same key and request return the first result."""
+
+    scope = models.CharField(max_length=40, help_text="Whose key: 'user:<id>' of the sender, or empty.")
+    key = models.CharField(max_length=200)
+    request_hash = models.CharField(max_length=64)
+    notification_ids = models.JSONField(default=list)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["scope", "key"], name="idempotency_unique_scope_key")]
+
+    def __str__(self) -> str:
+        return f"{self.scope}:{self.key}"

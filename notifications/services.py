@@ -2,20 +2,23 @@
 and schedules its push with ``transaction.on_commit`` (through ``push``, the one choke point).
 """
 
+import hashlib
 import json
 import secrets
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import URLValidator
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
 from . import protocol, push, selectors
-from .models import Audience, Follow, InboxState, Level, Notification, Receipt, Stream, Topic
+from .models import Audience, Follow, IdempotencyKey, InboxState, Level, Notification, Receipt, Stream, Topic
 
 TITLE_MAX = 200
 BODY_MAX = 10_000
@@ -100,11 +103,15 @@ def notification_send(
     users: Iterable | None = None,
     topic: Topic | str | None = None,
     broadcast: bool = False,
-) -> list[Notification]:
+    idempotency_key: str | None = None,
+) -> "Sent":
     """Store a notification for exactly one audience and push it after commit.
 
     ``users`` stores one row per user; ``topic`` and ``broadcast`` store one row in all.
-    Returns the stored rows.
+    Returns the stored rows. With ``idempotency_key``, a retry of the same request (same
+    sender, key and content) within ``IDEMPOTENCY_TTL`` returns the first send's rows
+    (``.replayed`` is True) and sends nothing; the same key with different content raises
+    ``IdempotencyConflict``.
     """
     audiences = [users is not None, topic is not None, bool(broadcast)]
     if sum(audiences) != 1:
@@ -134,11 +141,65 @@ def notification_send(
     else:
         rows = [Notification(audience=Audience.BROADCAST, **fields)]
     with transaction.atomic():
+        claim = _claim_idempotency_key(idempotency_key, actor, rows) if idempotency_key is not None else None
+        if claim is not None and claim.notification_ids:
+            return Sent(Notification.objects.filter(id__in=claim.notification_ids).select_related(
+                "topic", "actor", "recipient").order_by("id"), replayed=True)
         for row, notification_id in zip(rows, _reserve_ids(len(rows)), strict=True):
             row.id = notification_id
         Notification.objects.bulk_create(rows)
+        if claim is not None:
+            claim.notification_ids = [row.id for row in rows]
+            claim.save(update_fields=["notification_ids"])
         transaction.on_commit(lambda: push.notifications_created(rows))
-    return rows
+    return Sent(rows)
+
+
+class Sent(list):
+    """The notifications a send stored (or, for an idempotent retry, had stored before)."""
+
+    def __init__(self, rows, *, replayed: bool = False):
+        super().__init__(rows)
+        self.replayed = replayed
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was already used for a different request."""
+
+
+def _request_hash(actor, rows: list[Notification]) -> str:
+    first = rows[0]
+    request = {
+        "title": first.title, "body": first.body, "level": first.level, "data": first.data, "link": first.link,
+        "actor": actor.pk if actor else None, "audience": first.audience,
+        "recipients": sorted(row.recipient.pk for row in rows) if first.audience == Audience.USER else None,
+        "topic": first.topic.slug if first.topic else None,
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def _claim_idempotency_key(key: str, actor, rows: list[Notification]) -> IdempotencyKey:
+    """Insert the key (the unique constraint makes concurrent duplicates wait, then see it),
+    or return the earlier claim of the same request."""
+    if not isinstance(key, str) or not 1 <= len(key) <= 200:
+        raise ValidationError({"idempotency_key": "An idempotency key is 1 to 200 characters."})
+    scope = f"user:{actor.pk}" if actor else ""
+    request_hash = _request_hash(actor, rows)
+    now = timezone.now()
+    IdempotencyKey.objects.filter(scope=scope, key=key, expires_at__lte=now).delete()
+    try:
+        with transaction.atomic():
+            return IdempotencyKey.objects.create(
+                scope=scope, key=key, request_hash=request_hash,
+                expires_at=now + timedelta(seconds=settings.NOTIFICATIONS["IDEMPOTENCY_TTL"]),
+            )
+    except IntegrityError:
+        earlier = IdempotencyKey.objects.get(scope=scope, key=key)
+    if earlier.request_hash != request_hash:
+        raise IdempotencyConflict(
+            f"The idempotency key {key!r} was already used for a different request; use a new key."
+        )
+    return earlier
 
 
 def _reserve_ids(count: int) -> range:

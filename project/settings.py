@@ -125,6 +125,8 @@ NOTIFICATIONS = {
     # store is read (seconds), and how often the stream head is checked for lost pushes.
     "HUB_GAP_WAIT": env.float("HUB_GAP_WAIT", default=0.2),
     "HUB_SYNC_INTERVAL": env.float("HUB_SYNC_INTERVAL", default=2.0),
+    # Seconds an idempotency key (notification_send(idempotency_key=...), Idempotency-Key header) is kept.
+    "IDEMPOTENCY_TTL": env.int("IDEMPOTENCY_TTL", default=24 * 3600),
     # Largest REST API request body; larger bodies get 413.
     "API_MAX_BODY_BYTES": env.int("API_MAX_BODY_BYTES", default=256 * 1024),
     # Seconds a WebSocket ticket from POST /api/ws-ticket/ stays valid.
