@@ -53,6 +53,9 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.registered_cursor = 0
         self.resumed = False
         self.own_topic_requests: set[str] = set()
+        self.max_topics = options["WS_MAX_TOPICS"]
+        self.bucket = TokenBucket(rate=options["WS_RATE"], burst=options["WS_BURST"])
+        self.violations = 0
 
     # Connection lifecycle
 
@@ -122,6 +125,9 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             )
             await self.close(code=protocol.CLOSE_TOO_LARGE)
             return
+        if not self.bucket.take():
+            await self._violation(protocol.RATE_LIMITED, f"Slow down: at most {self.bucket.rate:g} frames per second.")
+            return
         request = None
         try:
             request = protocol.parse_client_frame(text_data)
@@ -143,6 +149,10 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         await self._resume(request.since, epoch=request.epoch, request_id=request.id)
 
     async def handle_subscribe(self, request):
+        if request.topic not in self.outbox.topics and len(self.outbox.topics) >= self.max_topics:
+            await self._violation(protocol.TOO_MANY_TOPICS, f"At most {self.max_topics} topics per connection.",
+                                  request.id)
+            return
         self.own_topic_requests.add(request.topic)  # its echo from the hub needs no frame here
         try:
             await self._follow(request.topic, request.id)
@@ -169,6 +179,15 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     async def handle_mark_all_read(self, request):
         count = await self._mark_all_read()
         await self.send_frame(self._reply("ack", request, op="mark_all_read", unread_count=count))
+
+    async def _violation(self, code: str, message: str, request_id=None):
+        """A limit was exceeded: an error frame; the connection is closed (4029) if it goes on."""
+        self.violations += 1
+        if self.violations > protocol.MAX_VIOLATIONS:
+            await self.send_frame(protocol.error_frame(code, "Too many limit violations; closing.", request_id))
+            await self.close(code=protocol.CLOSE_RATE_LIMITED, reason="limits exceeded")
+            return
+        await self.send_frame(protocol.error_frame(code, message, request_id))
 
     # Events for this user from the hub (sent by notifications.push)
 
@@ -293,6 +312,24 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     @database_sync_to_async
     def _mark_all_read(self) -> int:
         return services.notification_mark_all_read(user=self.user)
+
+
+class TokenBucket:
+    """``rate`` requests per second on average, ``burst`` at once."""
+
+    def __init__(self, *, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
 
 
 def _resume_request(query: dict) -> int | None:

@@ -19,6 +19,10 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHENTICATED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_SLOW_CONSUMER = 4008
+CLOSE_RATE_LIMITED = 4029
+
+# Limit violations (rate, topics) tolerated on one connection before it is closed with 4029.
+MAX_VIOLATIONS = 20
 
 # Error codes carried in ``{"type": "error", "code": ...}`` frames.
 BAD_JSON = "bad_json"
@@ -33,6 +37,8 @@ UNAUTHENTICATED = "unauthenticated"
 FRAME_TOO_LARGE = "frame_too_large"
 DISCONNECTED = "disconnected"
 UNAVAILABLE = "unavailable"
+RATE_LIMITED = "rate_limited"
+TOO_MANY_TOPICS = "too_many_topics"
 
 MAX_IDS_PER_REQUEST = 100
 MAX_REQUEST_ID_LENGTH = 64

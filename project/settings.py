@@ -116,6 +116,11 @@ NOTIFICATIONS = {
     "WS_ALLOWED_ORIGINS": env.list("WS_ALLOWED_ORIGINS", default=[]),
     # Largest client WebSocket frame accepted; larger frames close the socket with 1009.
     "WS_MAX_FRAME_BYTES": env.int("WS_MAX_FRAME_BYTES", default=64 * 1024),
+    # Client frames per second per connection (average, and burst); more get 'rate_limited'.
+    "WS_RATE": env.float("WS_RATE", default=10.0),
+    "WS_BURST": env.int("WS_BURST", default=30),
+    # Topics one connection may follow.
+    "WS_MAX_TOPICS": env.int("WS_MAX_TOPICS", default=100),
     # Frames queued for one connection before it counts as a slow consumer (closed with 4008).
     "WS_MAX_QUEUED_FRAMES": env.int("WS_MAX_QUEUED_FRAMES", default=1000),
     # Resume: how far back a reconnecting client can catch up (seconds, and notifications).

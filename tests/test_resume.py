@@ -219,3 +219,37 @@ async def test_hello_cursor_is_the_stream_head(layer, ws, alice):
     token = await sync_to_async(token_for)(alice)
     _, hello = await ws(token)
     assert hello["cursor"] == head
+
+
+async def test_too_many_frames_get_rate_limited_then_closed_with_4029(layer, ws, alice_token, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "WS_RATE": 0.001, "WS_BURST": 3}
+    comm, _ = await ws(alice_token)
+    for i in range(3):
+        await comm.send_json_to({"type": "ping", "id": i})
+        assert await comm.receive_json_from(timeout=5) == {"type": "pong", "id": i}
+    await comm.send_json_to({"type": "ping", "id": "over"})
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "error", "code": "rate_limited", "message": "Slow down: at most 0.001 frames per second.",
+    }
+    for _ in range(19):  # 20 violations are tolerated, the 21st closes
+        await comm.send_json_to({"type": "ping"})
+        assert (await comm.receive_json_from(timeout=5))["code"] == "rate_limited"
+    await comm.send_json_to({"type": "ping"})
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "error", "code": "rate_limited", "message": "Too many limit violations; closing.",
+    }
+    assert (await comm.receive_output(timeout=5))["code"] == 4029
+
+
+async def test_topics_per_connection_are_limited(layer, ws, alice_token, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "WS_MAX_TOPICS": 2}
+    for slug in ("a", "b", "c"):
+        await sync_to_async(Topic.objects.create)(slug=slug, title=slug)
+    comm, _ = await ws(alice_token)
+    for slug in ("a", "b"):
+        await comm.send_json_to({"type": "subscribe", "topic": slug})
+        assert await comm.receive_json_from(timeout=5) == {"type": "subscribed", "topic": slug}
+    await comm.send_json_to({"type": "subscribe", "topic": "c", "id": 3})
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "error", "code": "too_many_topics", "message": "At most 2 topics per connection.", "id": 3,
+    }
