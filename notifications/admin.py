@@ -16,7 +16,7 @@ from django.contrib.admin.widgets import AutocompleteSelectMultiple
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.core.exceptions import PermissionDenied, ValidationError
-from django.db.models import Count
+from django.db.models import Count, Q
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from . import protocol, selectors, services
 from .auth import token_create, token_revoke
-from .models import ApiToken, Audience, Follow, Level, Notification, Topic
+from .models import ApiToken, Audience, Level, Notification, Topic
 from .presence import get_presence
 
 User = get_user_model()
@@ -94,7 +94,8 @@ def _reach(kwargs: dict) -> tuple[int, int]:
         return len(ids), sum(1 for c in online if c.user_id in ids)
     if "topic" in kwargs:
         slug = kwargs["topic"].slug
-        return Follow.objects.filter(topic__slug=slug).count(), sum(1 for c in online if slug in c.topics)
+        followers = selectors.active_follows().filter(topic__slug=slug).count()
+        return followers, sum(1 for c in online if slug in c.topics)
     return User.objects.filter(is_active=True).count(), len(online)
 
 
@@ -256,7 +257,8 @@ class TopicAdmin(admin.ModelAdmin):
     filter_horizontal = ["members"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(follower_count=Count("follows", distinct=True))
+        active = Q(follows__ended_at__isnull=True)
+        return super().get_queryset(request).annotate(follower_count=Count("follows", filter=active, distinct=True))
 
     @admin.display(description="followers", ordering="follower_count")
     def followers(self, obj):

@@ -43,12 +43,23 @@ class Topic(models.Model):
 
 
 class Follow(models.Model):
+    """A period during which a user follows a topic: they see its notifications created in it.
+
+    Unfollowing ends the period (``ended_at``) instead of deleting it, so what the user
+    already received stays in their inbox; following again starts a new period.
+    """
+
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="follows")
     topic = models.ForeignKey(Topic, on_delete=models.CASCADE, related_name="follows")
     created_at = models.DateTimeField(auto_now_add=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["user", "topic"], name="follow_unique_user_topic")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "topic"], condition=Q(ended_at__isnull=True), name="follow_one_active_per_topic"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.user_id} follows {self.topic_id}"

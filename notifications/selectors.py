@@ -38,6 +38,7 @@ def _visible_parts(user, condition: Q | None = None) -> list[QuerySet]:
     not_dismissed = ~_receipts(user, dismissed_at__isnull=False)
     personal = Notification.objects.filter(condition, not_dismissed, recipient=user)
     topical = Notification.objects.filter(
+        Q(topic__follows__ended_at__isnull=True) | Q(created_at__lt=F("topic__follows__ended_at")),
         condition,
         not_dismissed,
         topic__follows__user=user,
@@ -100,13 +101,17 @@ def inbox_for(
     return _with_read_state(user, page_ids, "-id")
 
 
+def active_follows():
+    return Follow.objects.filter(ended_at__isnull=True)
+
+
 def followed_topic_slugs(user) -> list[str]:
-    return list(Follow.objects.filter(user=user).order_by("topic__slug").values_list("topic__slug", flat=True))
+    return list(active_follows().filter(user=user).order_by("topic__slug").values_list("topic__slug", flat=True))
 
 
 def topics_for(user) -> QuerySet:
     """Topics ``user`` may see: public ones and private ones they are a member of."""
-    following = Exists(Follow.objects.filter(user=user, topic=OuterRef("pk")))
+    following = Exists(active_follows().filter(user=user, topic=OuterRef("pk")))
     return (
         Topic.objects.filter(Q(private=False) | Q(members=user))
         .distinct()
@@ -130,7 +135,11 @@ def read_count(notification: Notification) -> int:
     if notification.audience == Audience.USER:
         audience = get_user_model().objects.filter(pk=notification.recipient_id).annotate(user_id=F("pk"))
     elif notification.audience == Audience.TOPIC:
-        audience = Follow.objects.filter(topic_id=notification.topic_id, created_at__lte=notification.created_at)
+        audience = Follow.objects.filter(
+            Q(ended_at__isnull=True) | Q(ended_at__gt=notification.created_at),
+            topic_id=notification.topic_id,
+            created_at__lte=notification.created_at,
+        )
     else:
         audience = get_user_model().objects.filter(date_joined__lte=notification.created_at).annotate(
             user_id=F("pk")

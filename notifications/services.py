@@ -18,7 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from . import protocol, push, selectors
-from .models import Audience, Follow, IdempotencyKey, InboxState, Level, Notification, Receipt, Stream, Topic
+from .models import Audience, IdempotencyKey, InboxState, Level, Notification, Receipt, Stream, Topic
 
 TITLE_MAX = 200
 BODY_MAX = 10_000
@@ -73,8 +73,8 @@ def _resolve_users(users: Iterable) -> list:
         raise ValidationError({"users": f"users must list 1 to {USERS_MAX} users."})
     instances = [u for u in given if isinstance(u, User)]
     pks = [u for u in given if not isinstance(u, User)]
-    if any(not isinstance(pk, int) or isinstance(pk, bool) for pk in pks):
-        raise ValidationError({"users": "users must be User instances or integer ids."})
+    if any(not isinstance(pk, int) or isinstance(pk, bool) or not 0 < pk < 2**63 for pk in pks):
+        raise ValidationError({"users": "users must be User instances or positive integer ids."})
     found = {u.pk: u for u in User.objects.filter(pk__in=pks, is_active=True)}
     missing = sorted(set(pks) - set(found))
     if missing:
@@ -279,7 +279,7 @@ def topic_follow(*, user, topic: Topic) -> bool:
     if not selectors.topic_readable_by(topic, user):
         raise PermissionDenied(f"Topic {topic.slug!r} is private; only its members may follow it.")
     with transaction.atomic():
-        _, created = Follow.objects.get_or_create(user=user, topic=topic)
+        _, created = selectors.active_follows().get_or_create(user=user, topic=topic)
         transaction.on_commit(lambda: push.topic_followed(user.pk, topic.slug))
     return created
 
@@ -287,9 +287,9 @@ def topic_follow(*, user, topic: Topic) -> bool:
 def topic_unfollow(*, user, topic: Topic) -> bool:
     """Stop following a topic; every open connection of the user leaves its group."""
     with transaction.atomic():
-        deleted, _ = Follow.objects.filter(user=user, topic=topic).delete()
+        ended = selectors.active_follows().filter(user=user, topic=topic).update(ended_at=timezone.now())
         transaction.on_commit(lambda: push.topic_unfollowed(user.pk, topic.slug))
-    return bool(deleted)
+    return bool(ended)
 
 
 def notification_resend(*, notification: Notification, actor=None) -> list[Notification]:

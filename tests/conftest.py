@@ -177,3 +177,9 @@ async def ws():
             await comm.disconnect(timeout=2)
         except Exception:  # already closed by the server
             pass
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    """Tests create many users: a fast hasher (production keeps Django's default)."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

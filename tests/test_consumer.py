@@ -63,7 +63,8 @@ async def test_subprotocol_is_negotiated_when_offered(layer, alice_token):
 
     from project.asgi import application
 
-    comm = WebsocketCommunicator(application, WS_PATH, headers=bearer(alice_token), subprotocols=["x", "notifications.v1"])
+    offered = ["x", "notifications.v1"]
+    comm = WebsocketCommunicator(application, WS_PATH, headers=bearer(alice_token), subprotocols=offered)
     connected, subprotocol = await comm.connect()
     assert (connected, subprotocol) == (True, "notifications.v1")
     await comm.disconnect()
@@ -204,7 +205,8 @@ async def test_subscribe_to_unknown_topic_is_not_found(layer, ws, alice_token):
 
 
 async def test_mark_read_updates_unread_count_on_every_tab(layer, ws, alice, alice_token):
-    first, second = await send(users=[alice], title="a"), await send(users=[alice], title="b")
+    first = await send(users=[alice], title="a")
+    await send(users=[alice], title="b")
     tab1, hello = await ws(alice_token)
     tab2, _ = await ws(alice_token)
     assert hello["unread_count"] == 2

@@ -94,6 +94,7 @@
       this._pending = new Map(); // request id -> {resolve, reject, timer}
       this._nextRequestId = 1;
       this._handshakeError = null;
+      this._ticketRetried = false;
       this._caughtUpOnce = false;
       this._channel = null;
       this._stopped = true;
@@ -187,8 +188,10 @@
       if (this._stopped) return;
       const error = this._handshakeError;
       if (event.code === CLOSE_UNAUTHENTICATED || event.code === CLOSE_FORBIDDEN) {
-        const retryWithNewTicket = this.options.ticketUrl && error && error.code === "invalid_ticket" && this._attempt === 0;
-        if (!retryWithNewTicket) {
+        // A ticket works once and for seconds: after `invalid_ticket`, try once with a new one.
+        const newTicket = this.options.ticketUrl && error && error.code === "invalid_ticket" && !this._ticketRetried;
+        this._ticketRetried = Boolean(newTicket);
+        if (!newTicket) {
           this._setStatus("offline", {
             reason: event.code === CLOSE_UNAUTHENTICATED ? "signed_out" : "forbidden",
             code: event.code,
@@ -240,6 +243,7 @@
       this.user = frame.user;
       this.unreadCount = frame.unread_count;
       this.topics = new Set(frame.topics);
+      this._ticketRetried = false;
       this._openChannel();
       clearTimeout(this._stableTimer);
       this._stableTimer = setTimeout(() => (this._attempt = 0), this.options.stableAfter);
@@ -276,7 +280,7 @@
 
     _on_error(frame) {
       if (frame.id === undefined) this._handshakeError = frame; // the reason before a 4001/4003 close
-      this._report(Object.assign(new Error(frame.message), { code: frame.code }));
+      if (!this._pending.has(frame.id)) this._report(Object.assign(new Error(frame.message), { code: frame.code }));
     }
 
     _setCount(count) {
@@ -308,7 +312,8 @@
      */
     async catchUp() {
       if (!this.options.apiUrl) return;
-      const seenBefore = this._caughtUpOnce ? this.lastSeenId : Infinity;
+      const seenAtRequest = this.lastSeenId;
+      const seenBefore = this._caughtUpOnce ? seenAtRequest : Infinity;
       let page;
       try {
         page = await this._api("GET", `notifications/?limit=${this.options.pageSize}`);
@@ -318,10 +323,12 @@
       }
       this._caughtUpOnce = true;
       const fresh = new Map(page.results.map((n) => [n.id, n]));
+      // The page covers ids from `oldest` up; a known id in that range that the store no
+      // longer lists was dismissed elsewhere. Ids seen after the request started are kept.
       const oldest = page.next_before === null ? 0 : Math.min(...fresh.keys());
       for (const [id, known] of this._byId) {
-        if (id >= oldest && !fresh.has(id) && id <= Math.max(0, ...fresh.keys())) this._byId.delete(id);
-        else if (fresh.has(id)) known.read = fresh.get(id).read;
+        if (fresh.has(id)) known.read = fresh.get(id).read;
+        else if (id >= oldest && id <= seenAtRequest) this._byId.delete(id);
       }
       for (const n of page.results.slice().reverse()) {
         this._add(n, n.id > seenBefore ? "missed" : "inbox");
@@ -380,7 +387,7 @@
       this._applyLocally({ op: "dismissed", id }, true);
       try {
         const reply = await this._api("DELETE", `notifications/${id}/`);
-        if (!this.connected) this._setCount(reply.unread_count);
+        if (!this.connected) this._setCount(reply.unread_count); // else an unread_count frame follows
       } catch (error) {
         this._report(error);
       }
