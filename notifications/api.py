@@ -5,12 +5,14 @@ Authentication: ``Authorization: Bearer <token>`` or the Django session (writes 
 """
 
 import json
+import logging
 from typing import Any, Literal
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
 from ninja import NinjaAPI, Query, Schema, Status
@@ -25,6 +27,8 @@ from . import selectors, services
 from .auth import AuthFailure, bearer_from_header, ticket_issue, token_authenticate
 from .models import Notification, Topic
 from .protocol import notification_payload
+
+logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPES = ("application/json",)
 # Primary keys are signed 64-bit integers; larger ids cannot exist (and overflow SQLite).
@@ -172,6 +176,20 @@ def _django_invalid(request, exc: DjangoValidationError):
     return error_response(400, "invalid", " ".join(exc.messages))
 
 
+@api.exception_handler(services.IdempotencyConflict)
+def _idempotency_conflict(request, exc):
+    return error_response(409, "idempotency_conflict", str(exc))
+
+
+@api.exception_handler(OperationalError)
+@api.exception_handler(InterfaceError)
+def _database_unavailable(request, exc):
+    logger.error("database unavailable for %s %s: %s", request.method, request.path, type(exc).__name__)
+    response = error_response(503, "unavailable", "The database is unavailable; try again shortly.")
+    response["Retry-After"] = "2"
+    return response
+
+
 @api.exception_handler(Http404)
 def _not_found(request, exc):
     return error_response(404, "not_found", "Not found.")
@@ -287,7 +305,9 @@ class ErrorOut(Schema):
     error: ErrorBody
 
 
-ERRORS = {400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 413: ErrorOut, 415: ErrorOut}
+ERRORS = {
+    400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 413: ErrorOut, 415: ErrorOut, 503: ErrorOut,
+}
 
 
 # Endpoints
@@ -313,7 +333,13 @@ def _resolve_audience_users(values: list[int | str]) -> list:
     return ids + list(by_name.values())
 
 
-@api.post("/notifications/", response={201: SentOut, **ERRORS}, summary="Send a notification (staff)")
+@api.post(
+    "/notifications/",
+    response={200: SentOut, 201: SentOut, 409: ErrorOut, **ERRORS},
+    summary="Send a notification (staff)",
+    description="With an `Idempotency-Key` header, a retry of the same request returns the first result "
+    "(200) instead of sending again; the same key with a different body is a 409.",
+)
 def send_notification(request, payload: NotificationIn):
     user = request.auth
     if not (user.is_staff and user.has_perm("notifications.add_notification")):
@@ -332,9 +358,11 @@ def send_notification(request, payload: NotificationIn):
         data=payload.data,
         link=payload.link,
         actor=user,
+        idempotency_key=request.headers.get("Idempotency-Key"),
         **audience,
     )
-    return Status(201, {"notifications": [notification_payload(n, is_read=False) for n in rows]})
+    body = {"notifications": [notification_payload(n, is_read=False) for n in rows]}
+    return Status(200 if rows.replayed else 201, body)
 
 
 @api.get("/notifications/", response={200: InboxOut, **ERRORS}, summary="Your inbox, newest first")

@@ -86,3 +86,52 @@ def test_concurrent_duplicates_create_one_notification(alice, staff):
     assert errors == []
     assert len(set(results)) == 1 and len(results) == 8
     assert Notification.objects.count() == 1
+
+
+def _post(client, token, body, key=None):
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+    if key is not None:
+        headers["HTTP_IDEMPOTENCY_KEY"] = key
+    return client.post("/api/notifications/", body, content_type="application/json", **headers)
+
+
+@pytest.mark.django_db
+def test_api_retry_with_idempotency_key_returns_200_with_the_first_result(client, alice, staff_token):
+    body = {"title": "Deploy", "users": ["alice"], "data": {"n": 1}}
+    first = _post(client, staff_token, body, key="abc")
+    retry = _post(client, staff_token, body, key="abc")
+    assert (first.status_code, retry.status_code) == (201, 200)
+    assert retry.json() == first.json()
+    assert Notification.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_api_same_key_different_body_is_409(client, alice, staff_token):
+    _post(client, staff_token, {"title": "Deploy", "users": ["alice"]}, key="abc")
+    response = _post(client, staff_token, {"title": "Other", "users": ["alice"]}, key="abc")
+    assert response.status_code == 409
+    assert response.json() == {"error": {
+        "code": "idempotency_conflict",
+        "message": "The idempotency key 'abc' was already used for a different request; use a new key.",
+    }}
+
+
+@pytest.mark.django_db
+def test_api_without_key_sends_twice(client, alice, staff_token):
+    body = {"title": "Deploy", "users": ["alice"]}
+    assert [_post(client, staff_token, body).status_code for _ in range(2)] == [201, 201]
+    assert Notification.objects.count() == 2
+
+
+@pytest.mark.django_db
+def test_api_database_unavailable_is_503_json(client, alice, staff_token, monkeypatch):
+    from django.db import OperationalError
+
+    def down(**kwargs):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(services, "notification_send", down)
+    response = _post(client, staff_token, {"title": "x", "users": ["alice"]})
+    assert response.status_code == 503 and response["Retry-After"] == "2"
+    assert response.json() == {"error": {"code": "unavailable",
+                                         "message": "The database is unavailable; try again shortly."}}
