@@ -232,13 +232,18 @@ class NotificationConsumer(AsyncWebsocketConsumer):
                 outbox.put(protocol.encode({"type": "notification", **payload}))
                 replayed_through = max(replayed_through, notification.id)
         outbox.release(replayed_through)
+        unread = outcome.pop("unread_count")
         resumed = {"type": "resumed", **outcome, "cursor": outbox.last_id}
         if request_id is not None:
             resumed["id"] = request_id
         outbox.put(protocol.encode(resumed))
+        outbox.put(protocol.encode({"type": "unread_count", "count": unread}))
 
     @database_sync_to_async
     def _replay(self, since: int, epoch: str | None) -> dict:
+        return self._replay_outcome(since, epoch) | {"unread_count": selectors.unread_count_for(self.user)}
+
+    def _replay_outcome(self, since: int, epoch: str | None) -> dict:
         options = settings.NOTIFICATIONS
         current_epoch = selectors.stream_epoch()
         if epoch is not None and epoch != current_epoch:

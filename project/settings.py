@@ -82,10 +82,22 @@ else:
 REDIS_URL = env.str("REDIS_URL", default="")
 CHANNELS_PREFIX = env.str("CHANNELS_PREFIX", default="notifications")
 if REDIS_URL:
+    # Only one channel per server process (its hub) ever receives, so these are per process,
+    # not per socket (docs/guarantees.md explains each choice).
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": CHANNELS_PREFIX},
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": CHANNELS_PREFIX,
+                # Messages waiting for one process before group_send drops (and logs); the hub
+                # drains continuously, and anything dropped is read back from the store.
+                "capacity": env.int("CHANNELS_CAPACITY", default=10_000),
+                # Seconds an undelivered message lives; the hub recovers expired ones from the store.
+                "expiry": 60,
+                # Seconds a group membership lives; the hub renews its one membership long before.
+                "group_expiry": 86400,
+            },
         }
     }
 else:

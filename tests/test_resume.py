@@ -53,6 +53,7 @@ async def test_resume_in_the_url_replays_what_was_missed_in_order_then_resumed(l
     assert await comm.receive_json_from(timeout=5) == {
         "type": "resumed", "recovered": True, "count": 3, "cursor": missed[3].pk,
     }
+    assert await comm.receive_json_from(timeout=5) == {"type": "unread_count", "count": 2}
     # Live frames continue after the replay.
     (live,) = await send(users=[alice], title="live")
     assert (await comm.receive_json_from(timeout=5))["id"] == live.pk
@@ -75,6 +76,7 @@ async def test_resume_twice_on_one_connection_is_an_error(layer, ws, alice_token
     comm, hello = await ws(alice_token)
     await comm.send_json_to({"type": "resume", "since": hello["cursor"]})
     assert (await comm.receive_json_from(timeout=5))["type"] == "resumed"
+    assert (await comm.receive_json_from(timeout=5))["type"] == "unread_count"
     await comm.send_json_to({"type": "resume", "since": hello["cursor"], "id": 2})
     assert await comm.receive_json_from(timeout=5) == {
         "type": "error", "code": "invalid", "message": "This connection has already resumed.", "id": 2,
