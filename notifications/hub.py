@@ -26,8 +26,10 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from . import protocol, selectors
+from .throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
+failures = ThrottledLog(logger)
 
 STREAM_GROUP = "stream"
 
@@ -204,9 +206,8 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self.healthy:
-                    logger.error("channel layer receive failed, retrying: %s: %s", type(exc).__name__, exc)
-                    self.healthy = False
+                failures.failure("channel layer receive failed, retrying", exc)
+                self.healthy = False
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 await self._resubscribe()
@@ -225,7 +226,7 @@ class Hub:
         except Exception:
             return
         if not self.healthy:
-            logger.warning("channel layer is back; catching up from the store")
+            failures.recovered("channel layer receive failed, retrying")
             self.healthy = True
         await self.fill_from_store()
 
@@ -245,8 +246,9 @@ class Hub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("hub sync failed: %s: %s", type(exc).__name__, exc)
+                failures.failure("hub sync with the store failed", exc)
                 continue
+            failures.recovered("hub sync with the store failed")
             # A head seen one interval ago that is still not delivered was lost on the way.
             if seen_head is not None and seen_head >= self.next_id:
                 await self.fill_from_store(through=seen_head)
@@ -282,13 +284,20 @@ class Hub:
             await self.fill_from_store(through=max(self.pending) - 1)
 
     async def fill_from_store(self, through: int | None = None) -> None:
-        """Deliver, in order, the notifications up to ``through`` (default: the head) that never arrived."""
+        """Deliver, in order, the notifications up to ``through`` (default: the head) that never arrived.
+
+        If the store cannot be read, nothing is skipped: the next sync or gap tries again."""
         async with self._fill_lock:
-            if through is None:
-                through = await database_sync_to_async(selectors.stream_head)()
-            if through < self.next_id:
+            try:
+                if through is None:
+                    through = await database_sync_to_async(selectors.stream_head)()
+                if through < self.next_id:
+                    return
+                rows = await database_sync_to_async(selectors.stream_messages)(self.next_id, through)
+            except Exception as exc:
+                failures.failure("hub could not read missed notifications from the store", exc)
                 return
-            rows = await database_sync_to_async(selectors.stream_messages)(self.next_id, through)
+            failures.recovered("hub could not read missed notifications from the store")
             logger.info("hub read %d notification(s) %d..%d from the store", len(rows), self.next_id, through)
             for message in rows:
                 if message["id"] >= self.next_id:

@@ -18,8 +18,10 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from . import protocol
+from .throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
+failures = ThrottledLog(logger)
 
 STREAM_GROUP = "stream"
 BROADCAST_GROUP = "broadcast"
@@ -65,7 +67,9 @@ def _send(messages: Iterable[dict]) -> None:
     try:
         async_to_sync(send_all)()
     except Exception as exc:  # the store is the source of truth; hubs catch up from it
-        logger.error("push failed for %d message(s): %s: %s", len(messages), type(exc).__name__, exc)
+        failures.failure("push failed (stored; hubs will read it from the store)", exc)
+    else:
+        failures.recovered("push failed (stored; hubs will read it from the store)")
 
 
 def notifications_created(notifications: Iterable) -> None:

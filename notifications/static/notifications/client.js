@@ -36,7 +36,7 @@
  *   client.follow("deploys"); client.unfollow("deploys"); await client.fetchTopics();
  *
  * State you may read: client.status, client.unreadCount, client.notifications (newest
- * first), client.topics (slugs followed), client.user, client.lastSeenId.
+ * first), client.topics (slugs followed), client.user, client.lastSeenId, client.inboxLoaded.
  */
 (function (root) {
   "use strict";
@@ -96,6 +96,7 @@
       this._handshakeError = null;
       this._ticketRetried = false;
       this._caughtUpOnce = false;
+      this.inboxLoaded = false; // true once the inbox page was read (after the first connect)
       this._channel = null;
       this._stopped = true;
       this._onOnline = () => this._retryNow();
@@ -322,6 +323,7 @@
         return;
       }
       this._caughtUpOnce = true;
+      this.inboxLoaded = true;
       const fresh = new Map(page.results.map((n) => [n.id, n]));
       // The page covers ids from `oldest` up; a known id in that range that the store no
       // longer lists was dismissed elsewhere. Ids seen after the request started are kept.

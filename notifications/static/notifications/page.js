@@ -103,7 +103,8 @@
       if (row !== expected) el.list.insertBefore(row, expected);
       previous = row;
     }
-    el.empty.hidden = items.length > 0;
+    el.list.setAttribute("aria-busy", String(!client.inboxLoaded));
+    el.empty.hidden = items.length > 0 || !client.inboxLoaded;
     el.markAll.disabled = count === 0 && !items.some((n) => !n.read);
     renderTopics();
   }
