@@ -325,6 +325,13 @@ class Hub:
         for outbox in list(self.by_user.get(message["user"], ())):
             outbox.consumer.stream_user_event(outbox, message)
 
+    async def stop(self) -> None:
+        """Leave the stream and stop receiving (the process is shutting down)."""
+        for task in self.tasks:
+            task.cancel()
+        if self.channel is not None:
+            await self.layer.group_discard(STREAM_GROUP, self.channel)
+
 
 def _discard(index: dict, key, outbox: Outbox) -> None:
     members = index.get(key)
@@ -349,3 +356,10 @@ async def get_hub() -> Hub:
         hub = _hubs[loop] = Hub(layer)
     await hub.start()
     return hub
+
+
+async def shutdown_hubs() -> None:
+    """Stop this process's hubs (on ASGI lifespan shutdown)."""
+    for hub in list(_hubs.values()):
+        await hub.stop()
+    _hubs.clear()

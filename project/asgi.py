@@ -13,6 +13,7 @@ django_asgi_app = get_asgi_application()  # set up Django before importing consu
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from notifications.auth import WebSocketAuthMiddlewareStack  # noqa: E402
+from notifications.lifespan import lifespan  # noqa: E402
 from notifications.routing import websocket_urlpatterns  # noqa: E402
 
 # No AllowedHostsOriginValidator here: it refuses native clients that send no Origin.
@@ -21,5 +22,6 @@ application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": WebSocketAuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
+        "lifespan": lifespan,
     }
 )

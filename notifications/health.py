@@ -1,0 +1,64 @@
+"""Health endpoints for load balancers and orchestrators: cheap, unauthenticated, JSON.
+
+- ``GET /healthz``: liveness. No I/O: the process is up and serving requests.
+- ``GET /readyz``: readiness. One database query and one real round trip through the
+  channel layer (Redis in production); 503 naming the dependency that failed.
+"""
+
+import asyncio
+import time
+import uuid
+
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from django.db import connection
+from django.http import JsonResponse
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+
+CHECK_TIMEOUT = 2.0
+
+
+@never_cache
+@require_GET
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+@database_sync_to_async
+def _check_database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+async def _check_channel_layer() -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        raise RuntimeError("no channel layer is configured")
+    channel = await layer.new_channel()
+    token = uuid.uuid4().hex
+    await layer.send(channel, {"type": "readyz.ping", "token": token})
+    message = await layer.receive(channel)
+    if message.get("token") != token:
+        raise RuntimeError("the channel layer returned another message")
+
+
+async def _run(check) -> str:
+    started = time.perf_counter()
+    try:
+        await asyncio.wait_for(check(), CHECK_TIMEOUT)
+    except TimeoutError:
+        return f"error: no answer within {CHECK_TIMEOUT:g} s"
+    except Exception as exc:
+        return f"error: {type(exc).__name__}: {exc}"[:300]
+    return f"ok ({(time.perf_counter() - started) * 1000:.1f} ms)"
+
+
+@never_cache
+@require_GET
+async def readyz(request):
+    database, channel_layer = await asyncio.gather(_run(_check_database), _run(_check_channel_layer))
+    checks = {"database": database, "channel_layer": channel_layer}
+    ready = all(value.startswith("ok") for value in checks.values())
+    return JsonResponse({"status": "ok" if ready else "unavailable", "checks": checks}, status=200 if ready else 503)

@@ -1,0 +1,26 @@
+"""ASGI lifespan: on shutdown, leave the stream group and presence before the process exits.
+
+uvicorn sends lifespan events (Daphne does not; there, a dead process's presence entries
+expire after PRESENCE_TTL and its stream membership after the channel layer's group
+expiry; messages sent to it meanwhile are simply never read).
+"""
+
+import logging
+
+from .hub import shutdown_hubs
+
+logger = logging.getLogger(__name__)
+
+
+async def lifespan(scope, receive, send):
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            try:
+                await shutdown_hubs()
+            except Exception as exc:  # shutting down anyway; say why the cleanup was partial
+                logger.warning("hub shutdown incomplete: %s: %s", type(exc).__name__, exc)
+            await send({"type": "lifespan.shutdown.complete"})
+            return
