@@ -73,7 +73,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             self.hub = await get_hub()
         except ProtocolError as error:
             await self.send_frame(error.frame())
-            await self.close(code=protocol.CLOSE_POLICY)
+            await self.close(code=protocol.CLOSE_BAD_REQUEST)
             return
         except Exception as exc:
             logger.error("cannot serve a connection: channel layer unavailable: %s: %s", type(exc).__name__, exc)

@@ -124,6 +124,7 @@ class Hub:
         self.layer = layer
         self.channel: str | None = None
         self.next_id = 1
+        self.epoch = ""
         self.pending: dict[int, dict] = {}
         self.by_user: dict[int, set[Outbox]] = {}
         self.by_topic: dict[str, set[Outbox]] = {}
@@ -147,7 +148,8 @@ class Hub:
             try:
                 self.channel = await self.layer.new_channel()
                 await self.layer.group_add(STREAM_GROUP, self.channel)
-                self.next_id = await database_sync_to_async(selectors.stream_head)() + 1
+                head, self.epoch = await database_sync_to_async(selectors.stream_state)()
+                self.next_id = head + 1
             except BaseException as exc:
                 self.started.set_exception(exc)
                 self.started.exception()  # retrieved: later callers re-raise it themselves
@@ -242,13 +244,19 @@ class Hub:
             try:
                 if ticks % renew_every == 0:
                     await self.layer.group_add(STREAM_GROUP, self.channel)
-                head = await database_sync_to_async(selectors.stream_head)()
+                head, epoch = await database_sync_to_async(selectors.stream_state)()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures.failure("hub sync with the store failed", exc)
                 continue
             failures.recovered("hub sync with the store failed")
+            if not self.epoch:
+                self.epoch = epoch  # the stream row did not exist yet when this hub started
+            if epoch != self.epoch or head < self.next_id - 1:
+                self.reset(head, epoch)
+                seen_head = None
+                continue
             # A head seen one interval ago that is still not delivered was lost on the way.
             if seen_head is not None and seen_head >= self.next_id:
                 await self.fill_from_store(through=seen_head)
@@ -320,6 +328,18 @@ class Hub:
         notification_id, frame = message["id"], message["frame"]
         for outbox in list(targets):
             outbox.offer(notification_id, frame)
+
+    def reset(self, head: int, epoch: str) -> None:
+        """The store was replaced or went back (a restore, a failover that lost commits): cursors
+        no longer match it. Start over from its head and close every local connection (4012) so
+        each client reconnects and resumes (and learns that it must reload)."""
+        logger.warning("the notification stream was reset (epoch %s -> %s, head %d, expected %d); "
+                       "closing %d connection(s)", self.epoch, epoch, head, self.next_id - 1, len(self.everyone))
+        self.epoch, self.next_id = epoch, head + 1
+        self.pending.clear()
+        for outbox in list(self.everyone):
+            outbox.put(lambda outbox=outbox: outbox.consumer.close(
+                code=protocol.CLOSE_STREAM_RESET, reason="stream reset: reconnect and resume"))
 
     def _to_user(self, message: dict) -> None:
         for outbox in list(self.by_user.get(message["user"], ())):

@@ -10,16 +10,18 @@ from typing import Any
 SUBPROTOCOL = "notifications.v1"
 PROTOCOL_VERSION = 1
 
-# Close codes (RFC 6455 codes and application codes in 4000-4999).
+# Close codes the application sends. Only 1000 and 3000-4999 may be sent by an application
+# under Daphne (autobahn refuses the others), so the RFC 6455 meanings 1008, 1009, 1013
+# have application twins: 4400, 4009, 4013.
 CLOSE_NORMAL = 1000
-CLOSE_POLICY = 1008
-CLOSE_TOO_LARGE = 1009
-CLOSE_SERVER_ERROR = 1011
-CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHENTICATED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_SLOW_CONSUMER = 4008
+CLOSE_TOO_LARGE = 4009
+CLOSE_STREAM_RESET = 4012
+CLOSE_TRY_AGAIN_LATER = 4013
 CLOSE_RATE_LIMITED = 4029
+CLOSE_BAD_REQUEST = 4400
 
 # Limit violations (rate, topics) tolerated on one connection before it is closed with 4029.
 MAX_VIOLATIONS = 20

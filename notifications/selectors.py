@@ -152,6 +152,12 @@ def stream_head() -> int:
     return Stream.objects.filter(pk=1).values_list("head", flat=True).first() or 0
 
 
+def stream_state() -> tuple[int, str]:
+    """The stream head and epoch, read together."""
+    row = Stream.objects.filter(pk=1).values_list("head", "epoch").first()
+    return row if row is not None else (0, "")
+
+
 def stream_epoch() -> str:
     """Identifies this store; cursors from another epoch cannot be resumed."""
     return Stream.objects.filter(pk=1).values_list("epoch", flat=True).first() or ""

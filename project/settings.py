@@ -9,6 +9,8 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from project.layers import redis_channel_layer
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -78,27 +80,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / f".test-db-{os.getpid()}.sqlite3")}
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
+    # One test database per test run, so parallel runs on one server do not collide.
+    DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 
 REDIS_URL = env.str("REDIS_URL", default="")
 CHANNELS_PREFIX = env.str("CHANNELS_PREFIX", default="notifications")
 if REDIS_URL:
-    # Only one channel per server process (its hub) ever receives, so these are per process,
-    # not per socket (docs/guarantees.md explains each choice).
     CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {
-                "hosts": [REDIS_URL],
-                "prefix": CHANNELS_PREFIX,
-                # Messages waiting for one process before group_send drops (and logs); the hub
-                # drains continuously, and anything dropped is read back from the store.
-                "capacity": env.int("CHANNELS_CAPACITY", default=10_000),
-                # Seconds an undelivered message lives; the hub recovers expired ones from the store.
-                "expiry": 60,
-                # Seconds a group membership lives; the hub renews its one membership long before.
-                "group_expiry": 86400,
-            },
-        }
+        "default": redis_channel_layer(REDIS_URL, CHANNELS_PREFIX, env.int("CHANNELS_CAPACITY", default=10_000))
     }
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

@@ -15,6 +15,8 @@ import redis
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission
 
+from project.layers import redis_channel_layer
+
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 REDIS_START = [
@@ -64,12 +66,7 @@ def require_postgres():
 
 
 def redis_layer_settings(prefix: str | None = None) -> dict:
-    return {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": prefix or f"test-{uuid.uuid4().hex[:8]}"},
-        }
-    }
+    return {"default": redis_channel_layer(REDIS_URL, prefix or f"test-{uuid.uuid4().hex[:8]}")}
 
 
 MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}

@@ -304,13 +304,13 @@ async def test_binary_frame_gets_error_frame(layer, ws, alice_token, data):
     assert await comm.receive_json_from(timeout=5) == {"type": "pong"}
 
 
-async def test_oversize_frame_closes_with_1009(layer, ws, alice_token):
+async def test_oversize_frame_closes_with_4009(layer, ws, alice_token):
     comm, _ = await ws(alice_token)
     await comm.send_to(text_data=json.dumps({"type": "ping", "pad": "x" * 70_000}))
     assert await comm.receive_json_from(timeout=5) == {
         "type": "error", "code": "frame_too_large", "message": "Frames are limited to 65536 bytes.",
     }
-    await expect_close(comm, 1009)
+    await expect_close(comm, 4009)
 
 
 async def test_frame_limit_is_an_as_asgi_argument(layer, alice_token):
@@ -325,7 +325,7 @@ async def test_frame_limit_is_an_as_asgi_argument(layer, alice_token):
     assert (await comm.receive_json_from(timeout=5))["max_frame_bytes"] == 100
     await comm.send_to(text_data=json.dumps({"type": "ping", "pad": "x" * 100}))
     assert (await comm.receive_json_from(timeout=5))["code"] == "frame_too_large"
-    await expect_close(comm, 1009)
+    await expect_close(comm, 4009)
 
 
 # Handshake authentication

@@ -114,10 +114,10 @@ async def test_resume_older_than_the_retention_window_is_not_recovered(layer, ws
 
 
 @pytest.mark.parametrize("query", ["since=abc", "since=-1", "since=99999999999999999999999"])
-async def test_bad_since_in_the_url_is_an_error_and_close_1008(layer, ws, alice_token, query):
+async def test_bad_since_in_the_url_is_an_error_and_close_4400(layer, ws, alice_token, query):
     comm = await ws(alice_token, path=f"{WS_PATH}?{query}", hello=False)
     assert (await comm.receive_json_from(timeout=5))["code"] == "invalid"
-    assert (await comm.receive_output(timeout=5))["code"] == 1008
+    assert (await comm.receive_output(timeout=5))["code"] == 4400
 
 
 async def test_replay_never_shows_another_users_notifications(layer, ws, alice, bob, alice_token):
@@ -255,3 +255,16 @@ async def test_topics_per_connection_are_limited(layer, ws, alice_token, setting
     assert await comm.receive_json_from(timeout=5) == {
         "type": "error", "code": "too_many_topics", "message": "At most 2 topics per connection.", "id": 3,
     }
+
+
+async def test_a_replaced_store_closes_connections_with_4012_so_clients_resume(layer, ws, alice, alice_token,
+                                                                               settings):
+    from notifications.models import Stream
+
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "HUB_SYNC_INTERVAL": 0.2}
+    await send(users=[alice], title="before")
+    comm, hello = await ws(alice_token)
+    await sync_to_async(Stream.objects.filter(pk=1).update)(epoch="restored-from-backup")
+    assert (await comm.receive_output(timeout=5))["code"] == 4012
+    comm2, _ = await ws(alice_token, path=f"{WS_PATH}?since={hello['cursor']}&epoch={hello['epoch']}")
+    assert (await comm2.receive_json_from(timeout=5))["reason"] == "epoch_changed"

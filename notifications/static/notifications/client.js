@@ -428,6 +428,7 @@
     }
 
     async _api(method, path, body) {
+      if (!this.options.apiUrl) throw new Error("not connected, and no apiUrl to fall back on");
       const headers = { Accept: "application/json" };
       if (method !== "GET") {
         const csrf = this.options.csrfToken && this.options.csrfToken();
