@@ -264,6 +264,12 @@ class TopicAdmin(admin.ModelAdmin):
     def followers(self, obj):
         return obj.follower_count
 
+    def save_related(self, request, form, formsets, change):
+        super().save_related(request, form, formsets, change)
+        removed = services.topic_members_changed(topic=form.instance)
+        if removed:
+            self.message_user(request, f"{len(removed)} follower(s) who are not members no longer follow it.")
+
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):
@@ -297,6 +303,11 @@ admin.site.unregister(User)
 @admin.register(User)
 class NotifyingUserAdmin(UserAdmin):
     actions = [*(UserAdmin.actions or []), "send_notification", "disconnect"]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and "is_active" in form.changed_data and not obj.is_active:
+            services.user_deactivated(user=obj)
 
     def has_send_notification_permission(self, request):
         return request.user.has_perm("notifications.add_notification")

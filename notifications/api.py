@@ -23,9 +23,19 @@ from ninja.security.http import HttpBearer
 from ninja.utils import check_csrf
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from . import selectors, services
-from .auth import AuthFailure, bearer_from_header, ticket_issue, token_authenticate
+from . import selectors, services, throttle
+from .auth import (
+    COUNTED_FAILURES,
+    TOO_MANY_FAILURES,
+    AuthFailure,
+    bearer_from_header,
+    failure_seen,
+    failures_blocked,
+    ticket_issue,
+    token_authenticate,
+)
 from .models import Notification, Topic
+from .net import request_client_ip
 from .protocol import notification_payload
 
 logger = logging.getLogger(__name__)
@@ -96,9 +106,14 @@ class ApiAuth(HttpBearer):
     def __call__(self, request: HttpRequest):
         header = request.headers.get("Authorization")
         if header:
+            address = request_client_ip(request) or "unknown"
+            if failures_blocked(address):
+                raise ApiError(429, TOO_MANY_FAILURES.code, TOO_MANY_FAILURES.message)
             try:
                 return token_authenticate(bearer_from_header(header))
             except AuthFailure as failure:
+                if failure.code in COUNTED_FAILURES:
+                    failure_seen(address)
                 raise ApiError(401, failure.code, failure.message) from None
         user = getattr(request, "user", None)
         if user is None or not user.is_authenticated:
@@ -306,7 +321,8 @@ class ErrorOut(Schema):
 
 
 ERRORS = {
-    400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 413: ErrorOut, 415: ErrorOut, 503: ErrorOut,
+    400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 413: ErrorOut, 415: ErrorOut, 429: ErrorOut,
+    503: ErrorOut,
 }
 
 
@@ -427,5 +443,8 @@ def unfollow(request, slug: str):
 
 @api.post("/ws-ticket/", response={201: TicketOut, **ERRORS}, summary="A one-time WebSocket ticket")
 def ws_ticket(request):
+    limit = settings.NOTIFICATIONS["TICKETS_PER_MINUTE"]
+    if not throttle.hit("ticket", str(request.auth.pk), limit=limit):
+        raise ApiError(429, "too_many_tickets", f"At most {limit} tickets per minute; reuse the connection.")
     ticket, ttl = ticket_issue(user=request.auth)
     return Status(201, {"ticket": ticket, "expires_in": ttl, "url": f"/ws/notifications/?ticket={ticket}"})

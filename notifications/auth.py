@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
+from asgiref.sync import sync_to_async
 from channels.auth import get_user
 from channels.db import database_sync_to_async
 from channels.sessions import CookieMiddleware, SessionMiddleware
@@ -27,8 +28,9 @@ from django.db import transaction
 from django.http.request import validate_host
 from django.utils import timezone
 
-from . import protocol, push
+from . import protocol, push, throttle
 from .models import ApiToken, WsTicket
+from .net import scope_client_ip
 
 TOKEN_PREFIX = "ntf"
 TICKET_PREFIX = "tkt"
@@ -47,6 +49,22 @@ class AuthFailure(Exception):
 
 def _hash(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
+
+
+# Failures that spend an attacker's guesses: counted per client address.
+COUNTED_FAILURES = {"invalid_token", "invalid_ticket", "token_expired", "token_revoked", "invalid_authorization"}
+TOO_MANY_FAILURES = AuthFailure(
+    "too_many_failures", "Too many failed attempts from your address; wait a minute.", protocol.CLOSE_RATE_LIMITED
+)
+
+
+def failure_seen(address: str) -> None:
+    """Count a failed credential from ``address`` (tokens, tickets, passwords)."""
+    throttle.hit("auth", address, limit=settings.NOTIFICATIONS["AUTH_FAILURES_PER_MINUTE"])
+
+
+def failures_blocked(address: str) -> bool:
+    return throttle.blocked("auth", address, limit=settings.NOTIFICATIONS["AUTH_FAILURES_PER_MINUTE"])
 
 
 def token_create(*, user, name: str = "", expires_at=None) -> tuple[ApiToken, str]:
@@ -119,18 +137,23 @@ def ticket_consume(raw: str):
     return ticket.user
 
 
-def origin_allowed(origin: str | None) -> bool:
-    """Whether a browser Origin may use cookie authentication."""
+def origin_allowed(origin: str | None, host: str | None) -> bool:
+    """Whether a browser Origin may use cookie authentication: an exact entry of
+    ``WS_ALLOWED_ORIGINS``, or the same origin as the site itself (the Origin's host and
+    port equal the handshake's Host header, and that host is in ``ALLOWED_HOSTS``).
+    Another port on the same host is another origin: it is refused."""
     if not origin:
         return False
     allowed_origins = settings.NOTIFICATIONS["WS_ALLOWED_ORIGINS"]
     if origin in allowed_origins or "*" in allowed_origins:
         return True
     parsed = urlsplit(origin)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or not host:
         return False
-    host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-    return validate_host(host, settings.ALLOWED_HOSTS)
+    if parsed.netloc.lower() != host.lower():
+        return False
+    hostname = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+    return validate_host(hostname, settings.ALLOWED_HOSTS)
 
 
 def bearer_from_header(value: str) -> str:
@@ -152,10 +175,15 @@ class WebSocketAuthMiddleware:
 
     async def __call__(self, scope, receive, send):
         scope = dict(scope, auth_token_id=None)
+        address = scope_client_ip(scope) or "unknown"
         try:
+            if await sync_to_async(failures_blocked)(address):
+                raise TOO_MANY_FAILURES
             scope["user"], scope["auth_method"] = await self.resolve(scope)
             scope["auth_error"] = None
         except AuthFailure as failure:
+            if failure.code in COUNTED_FAILURES:
+                await sync_to_async(failure_seen)(address)
             scope["user"], scope["auth_method"], scope["auth_error"] = AnonymousUser(), None, failure
         return await self.inner(scope, receive, send)
 
@@ -175,7 +203,7 @@ class WebSocketAuthMiddleware:
             return await database_sync_to_async(ticket_consume)(query["ticket"][0]), "ticket"
         session = scope.get("session")
         if session is not None and session.session_key:
-            if not origin_allowed(headers.get("origin")):
+            if not origin_allowed(headers.get("origin"), headers.get("host")):
                 raise AuthFailure(
                     "origin_not_allowed",
                     "Cookie authentication needs an allowed Origin.",

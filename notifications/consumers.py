@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.utils import timezone
 
-from . import protocol, selectors, services
+from . import metrics, observe, protocol, selectors, services
 from .hub import Outbox, get_hub
 from .models import Notification, Topic
 from .net import scope_client_ip, scope_headers
@@ -54,6 +54,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.resumed = False
         self.own_topic_requests: set[str] = set()
         self.max_topics = options["WS_MAX_TOPICS"]
+        self.max_connections = options["WS_MAX_CONNECTIONS_PER_USER"]
         self.bucket = TokenBucket(rate=options["WS_RATE"], burst=options["WS_BURST"])
         self.violations = 0
 
@@ -64,6 +65,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         await self.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
         failure = self.scope.get("auth_error")
         if failure is not None:
+            observe.refused(self, failure.code, failure.close_code)
             await self.send_frame(protocol.error_frame(failure.code, failure.message))
             await self.close(code=failure.close_code, reason=failure.message[:120])
             return
@@ -72,21 +74,27 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             since = _resume_request(query)
             self.hub = await get_hub()
         except ProtocolError as error:
+            observe.refused(self, error.code, protocol.CLOSE_BAD_REQUEST)
             await self.send_frame(error.frame())
             await self.close(code=protocol.CLOSE_BAD_REQUEST)
             return
         except Exception as exc:
             logger.error("cannot serve a connection: channel layer unavailable: %s: %s", type(exc).__name__, exc)
+            observe.refused(self, protocol.UNAVAILABLE, protocol.CLOSE_TRY_AGAIN_LATER)
             await self.send_frame(protocol.error_frame(protocol.UNAVAILABLE, "Try again later."))
             await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
             return
         user = self.scope["user"]
-        slugs, unread, epoch = await self._initial_state(user)
+        slugs, epoch = await self._initial_state(user)
         self.user = user
         self.outbox = Outbox(self, user_id=user.pk, topics=slugs, max_frames=self.max_queued_frames)
         self.registered_cursor = self.hub.register(self.outbox)
-        if since is not None:
-            self.outbox.replaying = True  # before any await: live frames wait for the replay
+        self.outbox.replaying = True  # before any await: live frames wait for hello (and the replay)
+        observe.connected(self)
+        for oldest in self.hub.oldest_over_limit(user.pk, self.max_connections):
+            oldest.consumer.close_replaced()
+        # Counted up to the cursor: every later notification arrives live and adds one.
+        unread = await self._unread_count(self.registered_cursor)
         await self.send_frame(
             {
                 "type": "hello",
@@ -103,8 +111,11 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         await get_presence().add(self._presence_record(slugs))
         if since is not None:
             await self._resume(since, epoch=query.get("epoch", [None])[0], request_id=None)
+        else:
+            self.outbox.release(self.registered_cursor)
 
     async def disconnect(self, code):
+        observe.disconnected(self, code)
         if self.outbox is not None:
             self.hub.unregister(self.outbox)
             await get_presence().remove(self.connection_id)
@@ -131,6 +142,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         request = None
         try:
             request = protocol.parse_client_frame(text_data)
+            metrics.frame_in(request.type)
             await getattr(self, f"handle_{request.type}")(request)
         except ProtocolError as error:
             await self.send_frame(error.frame())
@@ -206,12 +218,23 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         elif op == "close":
             if event.get("token_id") is not None and event["token_id"] != self.scope.get("auth_token_id"):
                 return
-            outbox.put(protocol.encode(protocol.error_frame(protocol.DISCONNECTED, event["reason"])))
+            self.queue_close(event["code"], event["reason"], error=(protocol.DISCONNECTED, event["reason"]))
 
-            async def close():
-                await self.close(code=event["code"], reason=event["reason"])
+    def close_replaced(self) -> None:
+        """This is the user's oldest connection and a new one went over the limit: close this one (4005)."""
+        message = f"More than {self.max_connections} connections for this user: the oldest is closed."
+        error = (protocol.TOO_MANY_CONNECTIONS, message)
+        self.queue_close(protocol.CLOSE_REPLACED, "too many connections", error=error)
 
-            outbox.put(close)
+    def queue_close(self, code: int, reason: str, *, error: tuple[str, str] | None = None) -> None:
+        """Close after the frames already queued (optionally after an error frame saying why)."""
+        if error is not None:
+            self.outbox.put(protocol.encode(protocol.error_frame(*error)))
+
+        async def close():
+            await self.close(code=code, reason=reason)
+
+        self.outbox.put(close)
 
     # Resume
 
@@ -223,6 +246,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         outbox.replaying = True
         live_after, live_through = self.registered_cursor, outbox.last_id
         outcome = await self._replay(since, epoch)
+        metrics.resumed(outcome)
         replayed_through = live_through
         if outcome["recovered"]:
             for notification in outcome.pop("rows"):
@@ -262,6 +286,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     # Helpers
 
     async def send_frame(self, frame: dict):
+        observe.frame_out(self, frame)
         await self.send(text_data=protocol.encode(frame))
 
     @staticmethod
@@ -287,8 +312,12 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         await get_presence().update_topics(self.connection_id, sorted(self.outbox.topics))
 
     @database_sync_to_async
-    def _initial_state(self, user) -> tuple[list[str], int, str]:
-        return selectors.followed_topic_slugs(user), selectors.unread_count_for(user), selectors.stream_epoch()
+    def _initial_state(self, user) -> tuple[list[str], str]:
+        return selectors.followed_topic_slugs(user), selectors.stream_epoch()
+
+    @database_sync_to_async
+    def _unread_count(self, through: int) -> int:
+        return selectors.unread_count_for(self.user, through=through)
 
     def _topic(self, slug: str, request_id) -> Topic:
         topic = Topic.objects.filter(slug=slug).first()

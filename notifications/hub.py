@@ -25,7 +25,7 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from . import protocol, selectors
+from . import metrics, protocol, selectors
 from .throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class Outbox:
         self.held: list[tuple[int, str]] = []
         self.queue: deque = deque()
         self.closed = False
+        self.opened_at = time.monotonic()
         self._wakeup: asyncio.Future | None = None
         self.task = asyncio.get_running_loop().create_task(self._write())
 
@@ -93,6 +94,7 @@ class Outbox:
         self.closed = True
         self.queue.clear()
         self.held.clear()
+        metrics.slow_consumer()
         logger.warning("closing slow connection of user %s: more than %d frames queued", self.user_id,
                        self.max_frames)
         self.task.cancel()
@@ -197,6 +199,11 @@ class Hub:
 
     def connection_count(self) -> int:
         return len(self.everyone)
+
+    def oldest_over_limit(self, user_id: int, limit: int) -> list[Outbox]:
+        """The user's oldest local connections beyond ``limit`` (to be closed for the newest)."""
+        mine = sorted(self.by_user.get(user_id, ()), key=lambda outbox: outbox.opened_at)
+        return mine[: max(0, len(mine) - limit)]
 
     # Receiving
 
@@ -307,6 +314,7 @@ class Hub:
                 return
             failures.recovered("hub could not read missed notifications from the store")
             logger.info("hub read %d notification(s) %d..%d from the store", len(rows), self.next_id, through)
+            metrics.store_read(len(rows))
             for message in rows:
                 if message["id"] >= self.next_id:
                     self.pending.setdefault(message["id"], message)
@@ -328,6 +336,7 @@ class Hub:
         notification_id, frame = message["id"], message["frame"]
         for outbox in list(targets):
             outbox.offer(notification_id, frame)
+        metrics.delivered(len(targets), message.get("t"), time.time())  # one call per notification
 
     def reset(self, head: int, epoch: str) -> None:
         """The store was replaced or went back (a restore, a failover that lost commits): cursors
@@ -338,10 +347,10 @@ class Hub:
         self.epoch, self.next_id = epoch, head + 1
         self.pending.clear()
         for outbox in list(self.everyone):
-            outbox.put(lambda outbox=outbox: outbox.consumer.close(
-                code=protocol.CLOSE_STREAM_RESET, reason="stream reset: reconnect and resume"))
+            outbox.consumer.queue_close(protocol.CLOSE_STREAM_RESET, "stream reset: reconnect and resume")
 
     def _to_user(self, message: dict) -> None:
+        metrics.user_event(len(self.by_user.get(message["user"], ())))
         for outbox in list(self.by_user.get(message["user"], ())):
             outbox.consumer.stream_user_event(outbox, message)
 

@@ -1,4 +1,5 @@
-"""ASGI lifespan: on shutdown, leave the stream group and presence before the process exits.
+"""ASGI lifespan: warn at startup about a one-process configuration; on shutdown, leave the
+stream group and presence before the process exits.
 
 uvicorn sends lifespan events (Daphne does not; there, a dead process's presence entries
 expire after PRESENCE_TTL and its stream membership after the channel layer's group
@@ -7,6 +8,8 @@ expiry; messages sent to it meanwhile are simply never read).
 
 import logging
 
+from . import metrics
+from .checks import channel_layer_check
 from .hub import shutdown_hubs
 
 logger = logging.getLogger(__name__)
@@ -16,11 +19,14 @@ async def lifespan(scope, receive, send):
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            for warning in channel_layer_check():
+                logger.warning("%s (%s) %s", warning.msg, warning.id, warning.hint)
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             try:
                 await shutdown_hubs()
             except Exception as exc:  # shutting down anyway; say why the cleanup was partial
                 logger.warning("hub shutdown incomplete: %s: %s", type(exc).__name__, exc)
+            metrics.process_exit()
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -64,3 +64,9 @@ def scope_client_ip(scope) -> str | None:
     headers = scope_headers(scope)
     peer = (scope.get("client") or [None])[0]
     return client_ip(peer, headers.get("x-forwarded-for"), headers.get("x-real-ip"))
+
+
+def request_client_ip(request) -> str | None:
+    """The client address of a Django request."""
+    meta = request.META
+    return client_ip(meta.get("REMOTE_ADDR"), meta.get("HTTP_X_FORWARDED_FOR"), meta.get("HTTP_X_REAL_IP"))

@@ -4,7 +4,8 @@ Two backends behind one interface, chosen by ``NOTIFICATIONS["PRESENCE_BACKEND"]
 (a dotted path, loaded lazily like Django's storage backends):
 
 - ``LocalPresence``: this process's connections only (one-process quick start).
-- ``RedisPresence``: shared by every process. Each connection is a hash
+- ``RedisPresence``: shared by every process, in the channel layer's Redis (``REDIS_URL``, or
+  the master named ``REDIS_SENTINEL_MASTER`` found through ``REDIS_SENTINELS``). Each connection is a hash
   ``<prefix>:presence:conn:<id>`` plus a member of the sorted set
   ``<prefix>:presence:alive`` scored by its last heartbeat. One task per process
   refreshes the scores of its local connections every ``PRESENCE_TTL / 3`` seconds;
@@ -79,6 +80,8 @@ class RedisPresence(BasePresence):
     def __init__(self, url: str | None = None, prefix: str | None = None, ttl: float | None = None):
         super().__init__()
         self.url = url or settings.REDIS_URL
+        # Sentinel wins over the URL, as for the channel layer (project.layers).
+        self.sentinels = [] if url else list(getattr(settings, "REDIS_SENTINELS", []))
         self.prefix = f"{prefix or settings.CHANNELS_PREFIX}:presence"
         self.ttl = ttl or settings.NOTIFICATIONS["PRESENCE_TTL"]
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
@@ -96,9 +99,17 @@ class RedisPresence(BasePresence):
 
         loop = asyncio.get_running_loop()
         if loop not in self._clients:
-            self._clients[loop] = redis.asyncio.Redis.from_url(self.url)
+            self._clients[loop] = self._connect(redis.asyncio)
             self._heartbeats[loop] = loop.create_task(self._heartbeat())
         return self._clients[loop]
+
+    def _connect(self, module):
+        """A client of ``module`` (``redis`` or ``redis.asyncio``) for the URL or the Sentinel master."""
+        if self.sentinels:
+            sentinel = module.sentinel.Sentinel(self.sentinels, socket_timeout=2)
+            return sentinel.master_for(settings.REDIS_SENTINEL_MASTER, db=settings.REDIS_SENTINEL_DB,
+                                       password=settings.REDIS_SENTINEL_PASSWORD or None)
+        return module.Redis.from_url(self.url)
 
     async def _write(self, connection: Connection) -> None:
         client = self._client()
@@ -155,7 +166,7 @@ class RedisPresence(BasePresence):
     def online(self) -> list[Connection]:
         import redis
 
-        client = redis.Redis.from_url(self.url)
+        client = self._connect(redis)
         try:
             cutoff = time.time() - self.ttl
             client.zremrangebyscore(self.alive_key, "-inf", cutoff)

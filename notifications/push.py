@@ -12,12 +12,13 @@ finds it in the store (it watches the stream head), so connected clients still g
 """
 
 import logging
+import time
 from collections.abc import Iterable
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from . import protocol
+from . import metrics, protocol
 from .throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
@@ -67,23 +68,32 @@ def _send(messages: Iterable[dict]) -> None:
     try:
         async_to_sync(send_all)()
     except Exception as exc:  # the store is the source of truth; hubs catch up from it
+        metrics.push_failed()
         failures.failure("push failed (stored; hubs will read it from the store)", exc)
     else:
         failures.recovered("push failed (stored; hubs will read it from the store)")
 
 
 def notifications_created(notifications: Iterable) -> None:
-    """Push each stored notification to every server process, one encoded frame each."""
-    _send(notification_message(n) for n in notifications)
+    """Push each stored notification to every server process, one encoded frame each.
+
+    ``t`` is the commit time (this runs in ``on_commit``): the hubs measure push latency from it."""
+    committed_at = time.time()
+    messages = []
+    for n in notifications:
+        messages.append(notification_message(n) | {"t": committed_at})
+        metrics.sent(str(n.audience))
+    _send(messages)
 
 
 def _user_event(user_id: int, op: str, **fields) -> dict:
     return {"type": "stream.user", "user": user_id, "op": op, **fields}
 
 
-def unread_count_changed(user_id: int, count: int) -> None:
-    frame = protocol.encode({"type": "unread_count", "count": count})
-    _send([_user_event(user_id, "frame", frame=frame)])
+def inbox_changed(user_id: int, change: dict, count: int) -> None:
+    """A read-state change (``read``/``dismissed`` frame) and the new unread count, to every connection."""
+    frames = (change, {"type": "unread_count", "count": count})
+    _send([_user_event(user_id, "frame", frame=protocol.encode(frame)) for frame in frames])
 
 
 def topic_followed(user_id: int, slug: str) -> None:

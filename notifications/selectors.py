@@ -63,9 +63,10 @@ def visible_ids(user, ids: Iterable[int]) -> set[int]:
     return {row["id"] for row in _union_ids(_visible_parts(user, Q(id__in=ids)))}
 
 
-def unread_count_for(user) -> int:
-    """How many visible notifications ``user`` has not read: one query."""
-    return _union_ids(_visible_parts(user, ~_read(user))).count()
+def unread_count_for(user, *, through: int | None = None) -> int:
+    """How many visible notifications ``user`` has not read (up to id ``through``): one query."""
+    condition = ~_read(user) if through is None else ~_read(user) & Q(id__lte=through)
+    return _union_ids(_visible_parts(user, condition)).count()
 
 
 def latest_visible_id(user) -> int:

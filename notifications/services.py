@@ -215,9 +215,10 @@ def _reserve_ids(count: int) -> range:
     return range(head - count + 1, head + 1)
 
 
-def _push_unread_count_on_commit(user) -> int:
+def _push_inbox_change_on_commit(user, change: dict) -> int:
+    """After commit, tell every connection of the user what changed and the new unread count."""
     count = selectors.unread_count_for(user)
-    transaction.on_commit(lambda: push.unread_count_changed(user.pk, count))
+    transaction.on_commit(lambda: push.inbox_changed(user.pk, change, count))
     return count
 
 
@@ -247,7 +248,7 @@ def notification_mark_read(*, user, ids: Iterable[int]) -> int:
     with transaction.atomic():
         ids = _require_visible(user, ids)
         _upsert_receipts(user, ids, read_at=timezone.now())
-        return _push_unread_count_on_commit(user)
+        return _push_inbox_change_on_commit(user, {"type": "read", "ids": ids})
 
 
 def notification_mark_all_read(*, user) -> int:
@@ -258,7 +259,7 @@ def notification_mark_all_read(*, user) -> int:
         if latest > state.read_watermark:
             state.read_watermark = latest
             state.save(update_fields=["read_watermark"])
-        return _push_unread_count_on_commit(user)
+        return _push_inbox_change_on_commit(user, {"type": "read", "all": True})
 
 
 def notification_dismiss(*, user, notification_id: int) -> int:
@@ -267,7 +268,7 @@ def notification_dismiss(*, user, notification_id: int) -> int:
         ids = _require_visible(user, [notification_id])
         now = timezone.now()
         _upsert_receipts(user, ids, read_at=now, dismissed_at=now)
-        return _push_unread_count_on_commit(user)
+        return _push_inbox_change_on_commit(user, {"type": "dismissed", "ids": ids})
 
 
 def topic_follow(*, user, topic: Topic) -> bool:
@@ -313,3 +314,28 @@ def notification_resend(*, notification: Notification, actor=None) -> list[Notif
 def users_disconnect(*, user_ids: Iterable[int], reason: str = "disconnected by an administrator") -> None:
     """Close every live connection of these users on every server process (close code 4003)."""
     push.connections_close(list(user_ids), code=protocol.CLOSE_FORBIDDEN, reason=reason)
+
+
+def topic_members_changed(*, topic: Topic) -> list[int]:
+    """After a private topic lost members (or became private): end the follows of users who may
+    no longer read it, and take the topic off their live connections on every server process.
+
+    Returns the ids of the users removed.
+    """
+    if not topic.private:
+        return []
+    follows = selectors.active_follows().filter(topic=topic).exclude(user__in=topic.members.all())
+    with transaction.atomic():
+        removed = list(follows.values_list("user_id", flat=True))
+        follows.update(ended_at=timezone.now())
+        for user_id in removed:
+            transaction.on_commit(lambda user_id=user_id: push.topic_unfollowed(user_id, topic.slug))
+    return removed
+
+
+def user_deactivated(*, user) -> None:
+    """A user was deactivated: close their live connections (4003) once that is committed.
+    (New connections are refused already: inactive users do not authenticate.)"""
+    transaction.on_commit(
+        lambda: push.connections_close([user.pk], code=protocol.CLOSE_FORBIDDEN, reason="user deactivated")
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from project.layers import redis_channel_layer
+from project.layers import parse_sentinels, redis_channel_layer
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -84,13 +84,35 @@ else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 
 REDIS_URL = env.str("REDIS_URL", default="")
+# Redis Sentinel instead of one URL (docs/deployment.md): "host:port,host:port" and the master's name.
+REDIS_SENTINELS = parse_sentinels(env.str("REDIS_SENTINELS", default=""))
+REDIS_SENTINEL_MASTER = env.str("REDIS_SENTINEL_MASTER", default="")
+REDIS_SENTINEL_DB = env.int("REDIS_SENTINEL_DB", default=0)
+REDIS_SENTINEL_PASSWORD = env.str("REDIS_SENTINEL_PASSWORD", default="")
 CHANNELS_PREFIX = env.str("CHANNELS_PREFIX", default="notifications")
-if REDIS_URL:
+if REDIS_URL or REDIS_SENTINELS:
     CHANNEL_LAYERS = {
-        "default": redis_channel_layer(REDIS_URL, CHANNELS_PREFIX, env.int("CHANNELS_CAPACITY", default=10_000))
+        "default": redis_channel_layer(
+            REDIS_URL,
+            CHANNELS_PREFIX,
+            env.int("CHANNELS_CAPACITY", default=10_000),
+            sentinels=REDIS_SENTINELS,
+            master_name=REDIS_SENTINEL_MASTER,
+            db=REDIS_SENTINEL_DB,
+            password=REDIS_SENTINEL_PASSWORD,
+            backend=env.str("CHANNELS_LAYER", default="core"),
+        )
     }
 else:
+    # One process only: `manage.py check` warns (notifications.W001) when DEBUG=0.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+# Throttle counters (notifications/throttle.py) must be shared by every server process.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    if REDIS_URL
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -120,6 +142,12 @@ NOTIFICATIONS = {
     # Client frames per second per connection (average, and burst); more get 'rate_limited'.
     "WS_RATE": env.float("WS_RATE", default=10.0),
     "WS_BURST": env.int("WS_BURST", default=30),
+    # Open connections per user in one server process; a new one closes the oldest (4005).
+    "WS_MAX_CONNECTIONS_PER_USER": env.int("WS_MAX_CONNECTIONS_PER_USER", default=20),
+    # Failed credentials (tokens, tickets, passwords) per client address per minute before 429/4029.
+    "AUTH_FAILURES_PER_MINUTE": env.int("AUTH_FAILURES_PER_MINUTE", default=20),
+    # WebSocket tickets one user may request per minute.
+    "TICKETS_PER_MINUTE": env.int("TICKETS_PER_MINUTE", default=30),
     # Topics one connection may follow.
     "WS_MAX_TOPICS": env.int("WS_MAX_TOPICS", default=100),
     # Frames queued for one connection before it counts as a slow consumer (closed with 4008).
@@ -142,7 +170,9 @@ NOTIFICATIONS = {
     # Where "who is online" lives: shared in Redis when REDIS_URL is set, else this process only.
     "PRESENCE_BACKEND": env.str(
         "PRESENCE_BACKEND",
-        default="notifications.presence.RedisPresence" if REDIS_URL else "notifications.presence.LocalPresence",
+        default="notifications.presence.RedisPresence"
+        if REDIS_URL or REDIS_SENTINELS
+        else "notifications.presence.LocalPresence",
     ),
     # Seconds after which a connection of a crashed process disappears from "who is online".
     "PRESENCE_TTL": env.int("PRESENCE_TTL", default=45),
@@ -150,11 +180,40 @@ NOTIFICATIONS = {
     "SERVER_ID": env.str("SERVER_ID", default=""),
 }
 
+# GET /metrics (Prometheus): allowed from these client addresses or networks ("unix" allows a
+# Unix-socket peer), or with "Authorization: Bearer <METRICS_TOKEN>". The client address is the
+# one behind TRUSTED_PROXIES. Several processes: PROMETHEUS_MULTIPROC_DIR (bin/serve sets it).
+METRICS_ALLOWED_IPS = env.list("METRICS_ALLOWED_IPS", default=["127.0.0.1", "::1"])
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+
+# Logs: one line per record on stderr, "plain" text or "json" (one object per line). Both
+# formats redact tokens, tickets, cookies and passwords (notifications.logs).
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be 'plain' or 'json', not {LOG_FORMAT!r}.")
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    "formatters": {
+        "plain": {
+            "()": "notifications.logs.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
+        "json": {"()": "notifications.logs.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
+        # Counts channels-redis' "N of M channels over capacity" lines (a metric; the line still logs).
+        "over_capacity": {"class": "notifications.logs.OverCapacityHandler"},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        "channels_redis.core": {"level": "INFO", "handlers": ["over_capacity"]},
+        # uvicorn's own lines go through the same handler (one format, secrets redacted): it logs
+        # each WebSocket handshake and request with its query string.
+        "uvicorn": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+        "uvicorn.access": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
+    },
 }

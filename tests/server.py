@@ -312,3 +312,51 @@ async def expect_close(ws: ClientConnection, code: int | None, timeout: float = 
     except TimeoutError:
         raise AssertionError(f"the server did not close the connection within {timeout} s") from None
     raise AssertionError(f"expected the connection to close ({code}), got a frame: {frame!r}")
+
+
+# uvicorn (sends close 1012 on SIGTERM and runs the ASGI lifespan shutdown, unlike daphne)
+
+
+def uvicorn_executable() -> str:
+    beside_python = Path(sys.executable).with_name("uvicorn")
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("uvicorn")
+    if not found:
+        raise RuntimeError("uvicorn is not installed in this environment")
+    return found
+
+
+def start_uvicorn(env: dict[str, str], log_path: Path, *, port: int | None = None, attempts: int = 3,
+                  extra_args: tuple[str, ...] = ()) -> LiveServer:
+    """Start uvicorn (``--ws websockets-sansio --lifespan on``, as in production) and wait
+    (bounded) until the port answers; uvicorn binds only after importing the app and running
+    the lifespan startup. ``port`` restarts a server on a known port (one attempt);
+    otherwise a free port is picked, and another one tried if it was taken meanwhile."""
+    full_env = {k: v for k, v in os.environ.items() if k not in APP_ENV}
+    full_env.update({"DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1"}, **env)
+    failures = []
+    for _ in range(1 if port is not None else attempts):
+        chosen = port if port is not None else free_port()
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [uvicorn_executable(), "project.asgi:application", "--host", HOST, "--port", str(chosen),
+                 "--ws", "websockets-sansio", "--lifespan", "on", "--no-access-log", *extra_args],
+                cwd=BASE_DIR,
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        server = LiveServer(port=chosen, process=process, log_path=log_path, env=full_env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and process.poll() is None:
+            if _port_answers(chosen):
+                return server
+            time.sleep(0.1)
+        server.stop()
+        failures.append(f"port {chosen}: exit code {process.returncode}")
+        if process.returncode is None or "address already in use" not in server.log().lower():
+            break
+    log_text = log_path.read_text(errors="replace")
+    raise RuntimeError(f"uvicorn did not start within {START_TIMEOUT:.0f} s ({'; '.join(failures)}):\n{log_text}")

@@ -205,17 +205,19 @@ async def test_subscribe_to_unknown_topic_is_not_found(layer, ws, alice_token):
 
 
 async def test_mark_read_updates_unread_count_on_every_tab(layer, ws, alice, alice_token):
-    first = await send(users=[alice], title="a")
+    (first,) = await send(users=[alice], title="a")
     await send(users=[alice], title="b")
     tab1, hello = await ws(alice_token)
     tab2, _ = await ws(alice_token)
     assert hello["unread_count"] == 2
-    await tab1.send_json_to({"type": "mark_read", "ids": [first[0].pk], "id": "m"})
-    # The ack answers the request; unread_count goes to every tab (in either order on this one).
-    assert await receive_sorted(tab1, 2) == [
+    await tab1.send_json_to({"type": "mark_read", "ids": [first.pk], "id": "m"})
+    # The ack answers the request; `read` and unread_count go to every tab (the ack may come first).
+    assert await receive_sorted(tab1, 3) == [
         {"type": "ack", "op": "mark_read", "unread_count": 1, "id": "m"},
+        {"type": "read", "ids": [first.pk]},
         {"type": "unread_count", "count": 1},
     ]
+    assert await tab2.receive_json_from(timeout=5) == {"type": "read", "ids": [first.pk]}
     assert await tab2.receive_json_from(timeout=5) == {"type": "unread_count", "count": 1}
 
 
@@ -226,10 +228,12 @@ async def test_mark_all_read_sets_unread_count_to_zero_everywhere(layer, ws, ali
     tab2, _ = await ws(alice_token)
     assert hello["unread_count"] == 2
     await tab1.send_json_to({"type": "mark_all_read", "id": 5})
-    assert await receive_sorted(tab1, 2) == [
+    assert await receive_sorted(tab1, 3) == [
         {"type": "ack", "op": "mark_all_read", "unread_count": 0, "id": 5},
+        {"type": "read", "all": True},
         {"type": "unread_count", "count": 0},
     ]
+    assert await tab2.receive_json_from(timeout=5) == {"type": "read", "all": True}
     assert await tab2.receive_json_from(timeout=5) == {"type": "unread_count", "count": 0}
 
 
@@ -403,14 +407,19 @@ async def _session_cookie(user) -> bytes:
 
 async def test_session_cookie_with_allowed_origin_connects(layer, ws, alice):
     cookie = await _session_cookie(alice)
-    _, hello = await ws(headers=[(b"cookie", cookie), (b"origin", b"http://localhost:8000")])
+    _, hello = await ws(headers=[(b"cookie", cookie), (b"origin", b"http://localhost:8000"),
+                                 (b"host", b"localhost:8000")])
     assert hello["user"]["username"] == "alice"
 
 
-@pytest.mark.parametrize("origin", [b"https://evil.example", b"null", None])
+@pytest.mark.parametrize(
+    "origin",
+    [b"https://evil.example", b"null", None, b"http://localhost:9999", b"http://127.0.0.1:8000"],
+    ids=["foreign", "null", "missing", "same-host-other-port", "allowed-host-but-not-this-host"],
+)
 async def test_session_cookie_with_foreign_or_missing_origin_closes_4003(layer, ws, alice, origin):
     cookie = await _session_cookie(alice)
-    headers = [(b"cookie", cookie)] + ([(b"origin", origin)] if origin else [])
+    headers = [(b"cookie", cookie), (b"host", b"localhost:8000")] + ([(b"origin", origin)] if origin else [])
     comm = await ws(headers=headers, hello=False)
     assert await comm.receive_json_from(timeout=5) == {
         "type": "error", "code": "origin_not_allowed", "message": "Cookie authentication needs an allowed Origin.",

@@ -19,10 +19,14 @@
  *   and gets the same frames; a BroadcastChannel tells the other tabs of this browser
  *   which items were read or dismissed, so their lists match too;
  * - never reports the same notification twice (deduplicated by id);
- * - on every (re)connect re-fetches the newest inbox page (`GET /api/notifications/`),
- *   so anything sent while it was offline shows up (the store is the source of truth).
- *   Notifications found that way that are newer than `lastSeenId` are reported with
- *   source "missed". `catchUp()` is the one place where a `resume` frame can be sent.
+ * - keeps its cursor (the id of the last notification it saw, and the `epoch` from
+ *   `hello`) and reconnects with `?since=<cursor>&epoch=<epoch>`: the server replays what
+ *   was missed, in order, each once (reported with source "missed"), then `resumed`;
+ * - loads the newest inbox page (`GET /api/notifications/`) on the first connect, and
+ *   again whenever a resume is not possible (`resumed.recovered === false`): the store
+ *   is the source of truth;
+ * - applies `read` and `dismissed` frames, sent when another connection of the user
+ *   (another browser, the REST API, the admin) changed the inbox.
  *
  * Usage:
  *
@@ -85,7 +89,9 @@
       this.user = null;
       this.unreadCount = 0;
       this.topics = new Set(); // slugs this user follows
-      this.lastSeenId = 0; // the newest notification id this client has seen
+      this.lastSeenId = 0; // the cursor: the newest notification id this client has seen
+      this.epoch = null; // hello.epoch: names the store the cursor belongs to
+      this._resuming = false; // between a connect with ?since= and its `resumed` frame
       this._byId = new Map(); // id -> notification (the dedupe set and the list)
       this._socket = null;
       this._attempt = 0;
@@ -135,6 +141,11 @@
       if (this._stopped) return;
       this._setStatus(this._attempt === 0 && this.status === "idle" ? "connecting" : "reconnecting");
       const url = wsUrl(this.options.url);
+      this._resuming = this._caughtUpOnce && this.epoch !== null;
+      if (this._resuming) {
+        url.searchParams.set("since", String(this.lastSeenId));
+        url.searchParams.set("epoch", this.epoch);
+      }
       if (this.options.ticketUrl) {
         let ticket;
         try {
@@ -243,6 +254,8 @@
     _on_hello(frame) {
       this.user = frame.user;
       this.unreadCount = frame.unread_count;
+      if (!this._resuming) this.lastSeenId = Math.max(this.lastSeenId, frame.cursor || 0);
+      this.epoch = frame.epoch || null;
       this.topics = new Set(frame.topics);
       this._ticketRetried = false;
       this._openChannel();
@@ -250,15 +263,31 @@
       this._stableTimer = setTimeout(() => (this._attempt = 0), this.options.stableAfter);
       this._setStatus("connected", { user: frame.user });
       this._countChanged();
-      this.catchUp();
+      if (!this._resuming) this.catchUp();
     }
 
     _on_notification(frame) {
       const { type, ...notification } = frame;
-      if (this._add(notification, "live") && !notification.read) {
+      // Replayed frames (before `resumed`) are already in hello's unread count.
+      const source = this._resuming ? "missed" : "live";
+      if (this._add(notification, source) && !notification.read && source === "live") {
         this.unreadCount += 1;
         this._countChanged();
       }
+    }
+
+    _on_resumed(frame) {
+      this._resuming = false;
+      this.lastSeenId = Math.max(this.lastSeenId, frame.cursor);
+      if (!frame.recovered) this.catchUp(); // too far behind, or the store changed: reload the inbox
+    }
+
+    _on_read(frame) {
+      this._applyLocally(frame.all ? { op: "all_read" } : { op: "read", ids: frame.ids }, false);
+    }
+
+    _on_dismissed(frame) {
+      for (const id of frame.ids) this._applyLocally({ op: "dismissed", id }, false);
     }
 
     _on_unread_count(frame) {
@@ -305,11 +334,9 @@
     // Catching up
 
     /**
-     * Re-read the newest inbox page after each (re)connect and merge it: new items are
-     * added (source "missed" when newer than what this client saw before), read states
-     * are refreshed, and items dismissed elsewhere are dropped.
-     *
-     * When the server offers replay, send `{"type": "resume", "after": lastSeenId}` here.
+     * Re-read the newest inbox page and merge it: new items are added (source "missed"
+     * when newer than what this client saw before), read states are refreshed, and items
+     * dismissed elsewhere are dropped. Runs on the first connect and when a resume fails.
      */
     async catchUp() {
       if (!this.options.apiUrl) return;

@@ -1,0 +1,94 @@
+"""Log formats (plain text or one JSON object per line), secret redaction, and the
+channels-redis over-capacity counter.
+
+Both formatters redact secrets from the whole formatted line, traceback included: API
+tokens (``ntf_…``), WebSocket tickets (``tkt_…``), ``Authorization`` values, and the
+values of ``token``/``ticket``/``sessionid``/``csrftoken``/``password``-like parameters
+and cookies. uvicorn logs every handshake and request with its query string
+(``?ticket=…``); settings route its loggers through these formatters.
+
+Connection events carry their fields as ``extra`` (``event``, ``user_id``,
+``connection_id``, ``client_ip``, ``close_code``, ...): the JSON formatter writes each
+as a key, the plain formatter writes the message, which repeats them as ``key=value``.
+"""
+
+import json
+import logging
+import re
+import traceback
+from datetime import UTC, datetime
+
+REDACTED = "[redacted]"
+_SECRET_PATTERNS = [
+    (re.compile(r"\b(ntf_[0-9a-f]{12}_)[A-Za-z0-9_\-]+"), rf"\g<1>{REDACTED}"),  # the prefix is not secret
+    (re.compile(r"\btkt_[A-Za-z0-9_\-]+"), f"tkt_{REDACTED}"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{12,}"), rf"\g<1> {REDACTED}"),
+    (
+        re.compile(
+            r"(?i)\b(ticket|token|access_token|api_key|apikey|bearer|authorization|sessionid|csrftoken"
+            r"|csrfmiddlewaretoken|password|secret)([\"']?\s*[=:]\s*[\"']?)[^\s&;,\"']+"
+        ),
+        rf"\g<1>\g<2>{REDACTED}",
+    ),
+]
+
+
+def redact(text: str) -> str:
+    """``text`` with every token, ticket, cookie and password value replaced by ``[redacted]``."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+class PlainFormatter(logging.Formatter):
+    """``%(asctime)s %(levelname)s %(name)s %(message)s``, redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message``, every ``extra``
+    field, and ``exception`` (the traceback) when there is one; redacted."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = record.stack_info
+        return redact(json.dumps(entry, default=str, ensure_ascii=False))
+
+
+_OVER_CAPACITY = re.compile(r"^(\d+) of \d+ channels over capacity")
+
+
+class OverCapacityHandler(logging.Handler):
+    """Count channels-redis' ``"%s of %s channels over capacity in group %s"`` lines (messages
+    ``group_send`` dropped) in ``notifications_channel_layer_over_capacity_total``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not isinstance(record.msg, str) or "over capacity" not in record.msg:
+            return
+        try:
+            match = _OVER_CAPACITY.match(record.getMessage())
+        except Exception:  # a malformed record must not break logging
+            return
+        if match:
+            from . import metrics
+
+            metrics.over_capacity(int(match.group(1)))

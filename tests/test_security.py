@@ -1,0 +1,184 @@
+"""Access control and abuse limits: nobody reads what is not theirs; guessing and flooding are throttled."""
+
+import logging
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import Client
+
+from notifications import services
+from notifications.auth import ticket_issue, token_create
+from notifications.models import Topic
+
+from .conftest import WS_PATH
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+send = sync_to_async(services.notification_send)
+
+
+@pytest.fixture
+def superuser_client(django_user_model):
+    root = django_user_model.objects.create_superuser("root", "root@example.com", "pw-for-tests-1")
+    client = Client()
+    client.force_login(root)
+    return client
+
+
+# Membership and deactivation take effect on live connections
+
+
+async def test_removing_a_member_of_a_private_topic_takes_it_off_their_live_connections(
+    layer, ws, alice, bob, alice_token, superuser_client
+):
+    topic = await sync_to_async(Topic.objects.create)(slug="security", title="Security", private=True)
+    await sync_to_async(topic.members.add)(alice, bob)
+    await sync_to_async(services.topic_follow)(user=alice, topic=topic)
+    tab1, _ = await ws(alice_token)
+    tab2, _ = await ws(alice_token)
+    response = await sync_to_async(superuser_client.post)(
+        f"/admin/notifications/topic/{topic.pk}/change/",
+        {"slug": "security", "title": "Security", "private": "on", "members": [bob.pk]},
+    )
+    assert response.status_code == 302
+    for tab in (tab1, tab2):
+        assert await tab.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "security"}
+    await send(topic="security", title="members only")
+    assert await tab1.receive_nothing(timeout=0.3)
+    _, hello = await ws(alice_token)
+    assert hello["topics"] == []
+
+
+async def test_making_a_topic_private_removes_non_member_followers(layer, ws, alice, alice_token):
+    topic = await sync_to_async(Topic.objects.create)(slug="deploys", title="Deploys")
+    await sync_to_async(services.topic_follow)(user=alice, topic=topic)
+    comm, _ = await ws(alice_token)
+    topic.private = True
+    await sync_to_async(topic.save)()
+    assert await sync_to_async(services.topic_members_changed)(topic=topic) == [alice.pk]
+    assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "deploys"}
+
+
+async def test_deactivating_a_user_in_the_admin_closes_their_connections(layer, ws, alice, alice_token,
+                                                                         superuser_client):
+    comm, _ = await ws(alice_token)
+    response = await sync_to_async(superuser_client.post)(
+        f"/admin/auth/user/{alice.pk}/change/",
+        {"username": "alice", "is_active": "", "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00",
+         "initial-date_joined_0": "2026-01-01", "initial-date_joined_1": "00:00:00"},
+    )
+    assert response.status_code == 302, response.content[:500]
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "error", "code": "disconnected", "message": "user deactivated",
+    }
+    assert (await comm.receive_output(timeout=5))["code"] == 4003
+    again = await ws(alice_token, hello=False)
+    assert (await again.receive_json_from(timeout=5))["code"] == "user_inactive"
+
+
+# Another user's things
+
+
+async def test_another_users_ids_and_private_topics_stay_invisible_over_every_path(layer, ws, alice, bob, alice_token):
+    secret = await sync_to_async(Topic.objects.create)(slug="secret", title="Secret", private=True)
+    await sync_to_async(secret.members.add)(bob)
+    await sync_to_async(services.topic_follow)(user=bob, topic=secret)
+    (bobs,) = await send(users=[bob], title="bob's")
+    (members,) = await send(topic="secret", title="members only")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "resumed", "recovered": True, "count": 0, "cursor": hello["cursor"],
+    }
+    assert (await comm.receive_json_from(timeout=5))["type"] == "unread_count"
+    for notification in (bobs, members):
+        await comm.send_json_to({"type": "mark_read", "ids": [notification.pk]})
+        assert (await comm.receive_json_from(timeout=5))["code"] == "not_found"
+    await comm.send_json_to({"type": "subscribe", "topic": "secret"})
+    assert (await comm.receive_json_from(timeout=5))["code"] == "forbidden"
+    client = Client()
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {alice_token}"}
+    for notification in (bobs, members):
+        url = f"/api/notifications/{notification.pk}/read/"
+        read = await sync_to_async(client.post)(url, content_type="application/json", **headers)
+        dismiss = await sync_to_async(client.delete)(f"/api/notifications/{notification.pk}/", **headers)
+        assert (read.status_code, dismiss.status_code) == (404, 404)
+    inbox = await sync_to_async(client.get)("/api/notifications/", **headers)
+    assert inbox.json()["results"] == []
+    topics = await sync_to_async(client.get)("/api/topics/", **headers)
+    assert topics.json()["results"] == []
+
+
+# Limits
+
+
+async def test_a_users_oldest_connection_is_closed_when_the_limit_is_passed(layer, ws, alice_token, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "WS_MAX_CONNECTIONS_PER_USER": 2}
+    first, _ = await ws(alice_token)
+    second, _ = await ws(alice_token)
+    third, _ = await ws(alice_token)
+    assert await first.receive_json_from(timeout=5) == {
+        "type": "error", "code": "too_many_connections",
+        "message": "More than 2 connections for this user: the oldest is closed.",
+    }
+    assert (await first.receive_output(timeout=5))["code"] == 4005
+    for comm in (second, third):
+        await comm.send_json_to({"type": "ping"})
+        assert await comm.receive_json_from(timeout=5) == {"type": "pong"}
+
+
+def test_token_guessing_over_the_api_is_throttled_per_address(client, alice_token, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 3}
+    statuses = [client.get("/api/notifications/", HTTP_AUTHORIZATION=f"Bearer ntf_guess{i}_x").status_code
+                for i in range(5)]
+    assert statuses == [401, 401, 401, 401, 429]
+    blocked = client.get("/api/notifications/", HTTP_AUTHORIZATION=f"Bearer {alice_token}")
+    assert blocked.status_code == 429
+    assert blocked.json()["error"]["code"] == "too_many_failures"
+
+
+async def test_token_guessing_over_websockets_is_throttled_per_address(layer, ws, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
+    codes = []
+    for i in range(4):
+        comm = await ws(f"ntf_guess{i}_x", hello=False)
+        codes.append((await comm.receive_json_from(timeout=5))["code"])
+    assert codes == ["invalid_token", "invalid_token", "invalid_token", "too_many_failures"]
+    assert (await comm.receive_output(timeout=5))["code"] == 4029
+
+
+def test_password_guessing_on_the_login_page_is_throttled(client, alice, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
+    statuses = [client.post("/accounts/login/", {"username": "alice", "password": f"wrong{i}"}).status_code
+                for i in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+def test_ticket_requests_are_limited_per_user(client, alice_token, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "TICKETS_PER_MINUTE": 2}
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {alice_token}", "content_type": "application/json"}
+    statuses = [client.post("/api/ws-ticket/", **auth).status_code for _ in range(3)]
+    assert statuses == [201, 201, 429]
+
+
+# Secrets never reach the logs
+
+
+async def test_tokens_tickets_and_cookies_never_appear_in_logs(layer, ws, alice, caplog):
+    caplog.set_level(logging.DEBUG)
+    _, raw_token = await sync_to_async(token_create)(user=alice)
+    ticket, _ = await sync_to_async(ticket_issue)(user=alice)
+    client = Client()
+    await sync_to_async(client.force_login)(alice)
+    cookie = client.cookies["sessionid"].value
+    await ws(raw_token)
+    await ws(path=f"{WS_PATH}?ticket={ticket}")
+    again = await ws(path=f"{WS_PATH}?ticket={ticket}", hello=False)  # reused: refused, and logged?
+    await again.receive_json_from(timeout=5)
+    bad = await ws(raw_token[:-3] + "abc", hello=False)
+    await bad.receive_json_from(timeout=5)
+    await ws(headers=[(b"cookie", f"sessionid={cookie}".encode()), (b"origin", b"http://localhost"),
+                      (b"host", b"localhost")])
+    await sync_to_async(Client().get)("/api/notifications/", HTTP_AUTHORIZATION=f"Bearer {raw_token}x")
+    text = caplog.text
+    for secret in (raw_token, raw_token.split("_", 2)[2], ticket, cookie):
+        assert secret not in text
