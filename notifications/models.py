@@ -10,6 +10,8 @@ users see it. Per-user read state lives beside it:
   above the watermark.
 """
 
+import secrets
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -78,6 +80,14 @@ class Stream(models.Model):
 
     def __str__(self) -> str:
         return f"stream {self.epoch}@{self.head}"
+
+
+def ensure_stream() -> None:
+    """Create the stream row if it is missing. A migration creates it; a flushed (test)
+    database loses it, and then the stream starts over with a new epoch."""
+    if not Stream.objects.filter(pk=1).exists():
+        last = Notification.objects.order_by("-id").values_list("id", flat=True).first() or 0
+        Stream.objects.get_or_create(pk=1, defaults={"head": last, "epoch": secrets.token_hex(8)})
 
 
 class Notification(models.Model):

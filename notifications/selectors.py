@@ -17,7 +17,7 @@ from django.db.models import BooleanField, Exists, ExpressionWrapper, F, OuterRe
 from django.db.models.functions import Coalesce
 
 from . import push
-from .models import Audience, Follow, InboxState, Notification, Receipt, Stream, Topic
+from .models import Audience, Follow, InboxState, Notification, Receipt, Stream, Topic, ensure_stream
 
 INBOX_PAGE_MAX = 100
 
@@ -148,20 +148,22 @@ def read_count(notification: Notification) -> int:
     return audience.filter(read_receipt | past_watermark).count()
 
 
-def stream_head() -> int:
-    """The id of the newest committed notification (0 when there is none)."""
-    return Stream.objects.filter(pk=1).values_list("head", flat=True).first() or 0
-
-
 def stream_state() -> tuple[int, str]:
-    """The stream head and epoch, read together."""
+    """The stream head (the newest committed notification id) and epoch, read together."""
     row = Stream.objects.filter(pk=1).values_list("head", "epoch").first()
-    return row if row is not None else (0, "")
+    if row is None:
+        ensure_stream()
+        row = Stream.objects.filter(pk=1).values_list("head", "epoch").get()
+    return row
+
+
+def stream_head() -> int:
+    return stream_state()[0]
 
 
 def stream_epoch() -> str:
     """Identifies this store; cursors from another epoch cannot be resumed."""
-    return Stream.objects.filter(pk=1).values_list("epoch", flat=True).first() or ""
+    return stream_state()[1]
 
 
 def stream_messages(first: int, last: int) -> list[dict]:

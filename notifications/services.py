@@ -4,7 +4,6 @@ and schedules its push with ``transaction.on_commit`` (through ``push``, the one
 
 import hashlib
 import json
-import secrets
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -18,7 +17,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from . import protocol, push, selectors
-from .models import Audience, IdempotencyKey, InboxState, Level, Notification, Receipt, Stream, Topic
+from .models import Audience, IdempotencyKey, InboxState, Level, Notification, Receipt, Stream, Topic, ensure_stream
 
 TITLE_MAX = 200
 BODY_MAX = 10_000
@@ -207,9 +206,7 @@ def _reserve_ids(count: int) -> range:
     transaction commits, so ids are gap-free and committed in order (a cursor for resume).
     Keep transactions that send short: concurrent sends wait for this lock."""
     if not Stream.objects.filter(pk=1).update(head=F("head") + count):
-        # The row is created by a migration; a flushed test database loses it: a new epoch.
-        last = Notification.objects.order_by("-id").values_list("id", flat=True).first() or 0
-        Stream.objects.get_or_create(pk=1, defaults={"head": last, "epoch": secrets.token_hex(8)})
+        ensure_stream()
         Stream.objects.filter(pk=1).update(head=F("head") + count)
     head = Stream.objects.filter(pk=1).values_list("head", flat=True).get()
     return range(head - count + 1, head + 1)

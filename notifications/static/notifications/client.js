@@ -254,7 +254,9 @@
     _on_hello(frame) {
       this.user = frame.user;
       this.unreadCount = frame.unread_count;
-      if (!this._resuming) this.lastSeenId = Math.max(this.lastSeenId, frame.cursor || 0);
+      // On the first connect the cursor starts at the stream position; later, an inbox
+      // re-fetch (when resuming is not possible) decides what was missed instead.
+      if (!this._caughtUpOnce) this.lastSeenId = Math.max(this.lastSeenId, frame.cursor || 0);
       this.epoch = frame.epoch || null;
       this.topics = new Set(frame.topics);
       this._ticketRetried = false;
