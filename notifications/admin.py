@@ -39,7 +39,7 @@ class SendForm(forms.Form):
     body = forms.CharField(required=False, max_length=services.BODY_MAX, widget=forms.Textarea(attrs={"rows": 3}))
     level = forms.ChoiceField(choices=Level.choices, initial=Level.INFO)
     link = forms.CharField(required=False, max_length=2000, help_text="An http(s) URL or a path starting with /.")
-    data = forms.CharField(
+    data = forms.CharField(  # type: ignore[assignment]  # a form field: Django moves it off the class
         required=False,
         widget=forms.Textarea(attrs={"rows": 3, "placeholder": '{"key": "value"}'}),
         help_text="A JSON object, delivered to clients unchanged.",
@@ -302,7 +302,7 @@ admin.site.unregister(User)
 
 @admin.register(User)
 class NotifyingUserAdmin(UserAdmin):
-    actions = [*(UserAdmin.actions or []), "send_notification", "disconnect"]
+    actions = [*(UserAdmin.actions or []), "send_notification", "disconnect"]  # type: ignore[misc]
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)

@@ -36,7 +36,7 @@ from .auth import (
 )
 from .models import Notification, Topic
 from .net import request_client_ip
-from .protocol import notification_payload
+from .protocol import is_storable_text, notification_payload
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +130,31 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+class UnstorableText(ValueError):
+    """A string in the body holds NUL or a lone surrogate (JSON escapes allow both; PostgreSQL stores neither)."""
+
+
+def _check_strings(value) -> None:
+    if isinstance(value, str):
+        if not is_storable_text(value):
+            raise UnstorableText
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
+
+
 class StrictJsonParser(Parser):
-    """Standard JSON only: ``NaN`` and ``Infinity`` are refused like any other bad JSON."""
+    """Standard JSON only: ``NaN`` and ``Infinity`` are refused like any other bad JSON, and
+    strings holding NUL or lone surrogates are refused as invalid."""
 
     def parse_body(self, request: HttpRequest):
-        return json.loads(request.body, parse_constant=_reject_constant)
+        body = json.loads(request.body, parse_constant=_reject_constant)
+        _check_strings(body)
+        return body
 
 
 api = NinjaAPI(
@@ -226,6 +246,8 @@ HTTP_ERROR_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden"
 @api.exception_handler(HttpError)
 def _http_error(request, exc: HttpError):
     # django-ninja reports an unparsable body as HttpError(400) raised from the parser's error.
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnstorableText):
+        return error_response(400, "invalid", "Strings may not contain NUL (\\u0000) or lone surrogates.")
     if exc.status_code == 400 and isinstance(exc.__cause__, ValueError | RecursionError):
         return error_response(400, "bad_json", "The body is not valid JSON.")
     return error_response(exc.status_code, HTTP_ERROR_CODES.get(exc.status_code, "error"), str(exc))
@@ -385,7 +407,7 @@ def send_notification(request, payload: NotificationIn):
 def list_notifications(request, query: Query[InboxQuery]):
     page = selectors.inbox_for(request.auth, unread_only=query.unread, before=query.before, limit=query.limit)
     return {
-        "results": [notification_payload(n, is_read=n.is_read) for n in page],
+        "results": [notification_payload(n, is_read=n.is_read) for n in page],  # type: ignore[attr-defined]
         "next_before": page[-1].id if len(page) == query.limit else None,
     }
 
@@ -426,6 +448,8 @@ def list_topics(request):
 
 
 def _topic(slug: str) -> Topic:
+    if not is_storable_text(slug):  # "%00" in the path: PostgreSQL cannot compare it
+        raise Http404
     return get_object_or_404(Topic, slug=slug)
 
 

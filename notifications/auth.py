@@ -32,7 +32,7 @@ from . import protocol, push, throttle
 from .models import ApiToken, WsTicket
 from .net import scope_client_ip
 
-TOKEN_PREFIX = "ntf"
+TOKEN_PREFIX = "ntf"  # noqa: S105 - the public part of every token, not a secret
 TICKET_PREFIX = "tkt"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 QUERY_TOKEN_PARAMS = ("token", "access_token", "bearer", "api_key", "authorization")
@@ -130,7 +130,7 @@ def ticket_consume(raw: str):
     ticket = WsTicket.objects.select_related("user").filter(key_hash=_hash(raw)).first()
     # delete() returning 1 means this call spent the ticket: a concurrent reuse gets 0.
     spent = ticket is not None and WsTicket.objects.filter(pk=ticket.pk).delete()[0] == 1
-    if not spent or ticket.expires_at <= timezone.now():
+    if ticket is None or not spent or ticket.expires_at <= timezone.now():
         raise AuthFailure("invalid_ticket", "The ticket is unknown, used or expired.")
     if not ticket.user.is_active:
         raise AuthFailure("user_inactive", "The user is inactive.", protocol.CLOSE_FORBIDDEN)

@@ -12,6 +12,7 @@ import socket
 import time
 import uuid
 from datetime import timedelta
+from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
@@ -21,7 +22,7 @@ from django.core.exceptions import PermissionDenied
 from django.utils import timezone
 
 from . import metrics, observe, protocol, selectors, services
-from .hub import Outbox, get_hub
+from .hub import Hub, Outbox, get_hub
 from .models import Notification, Topic
 from .net import scope_client_ip, scope_headers
 from .presence import Connection, get_presence
@@ -46,8 +47,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         options = settings.NOTIFICATIONS
         self.max_frame_bytes = max_frame_bytes or options["WS_MAX_FRAME_BYTES"]
         self.max_queued_frames = max_queued_frames or options["WS_MAX_QUEUED_FRAMES"]
-        self.user = None
-        self.hub = None
+        self.user: Any = None
+        self.hub: Hub | None = None
         self.outbox: Outbox | None = None
         self.connection_id = uuid.uuid4().hex
         self.registered_cursor = 0

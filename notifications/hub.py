@@ -251,6 +251,9 @@ class Hub:
             try:
                 if ticks % renew_every == 0:
                     await self.layer.group_add(STREAM_GROUP, self.channel)
+                # Delivered before the query: committed before it, so head >= this. (Messages
+                # delivered while the query runs may be newer than the head it reads.)
+                delivered_through = self.next_id - 1
                 head, epoch = await database_sync_to_async(selectors.stream_state)()
             except asyncio.CancelledError:
                 raise
@@ -260,7 +263,7 @@ class Hub:
             failures.recovered("hub sync with the store failed")
             if not self.epoch:
                 self.epoch = epoch  # the stream row did not exist yet when this hub started
-            if epoch != self.epoch or head < self.next_id - 1:
+            if epoch != self.epoch or head < delivered_through:
                 self.reset(head, epoch)
                 seen_head = None
                 continue

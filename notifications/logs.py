@@ -20,13 +20,16 @@ from datetime import UTC, datetime
 
 REDACTED = "[redacted]"
 _SECRET_PATTERNS = [
-    (re.compile(r"\b(ntf_[0-9a-f]{12}_)[A-Za-z0-9_\-]+"), rf"\g<1>{REDACTED}"),  # the prefix is not secret
-    (re.compile(r"\btkt_[A-Za-z0-9_\-]+"), f"tkt_{REDACTED}"),
+    # An Authorization value: the scheme stays, the credentials go.
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=\-]{12,}"), rf"\g<1> {REDACTED}"),
+    (re.compile(r"\b(ntf_[0-9a-f]{12}_)[A-Za-z0-9_\-]+"), rf"\g<1>{REDACTED}"),  # a token's prefix is not secret
+    (re.compile(r"\btkt_[A-Za-z0-9_\-]+"), f"tkt_{REDACTED}"),
+    # name=value, name: value, "name": "value" (query strings, cookies, headers, JSON).
     (
         re.compile(
             r"(?i)\b(ticket|token|access_token|api_key|apikey|bearer|authorization|sessionid|csrftoken"
-            r"|csrfmiddlewaretoken|password|secret)([\"']?\s*[=:]\s*[\"']?)[^\s&;,\"']+"
+            r"|csrfmiddlewaretoken|password|secret)([\"']?\s*[=:]\s*[\"']?)"
+            r"(?!\[redacted\]|(?:bearer|basic)\s)[^\s&;,\"'\\]+"
         ),
         rf"\g<1>\g<2>{REDACTED}",
     ),
@@ -60,17 +63,19 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = redact(value) if isinstance(value, str) else value
         if record.exc_info:
-            entry["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            entry["exception"] = redact("".join(traceback.format_exception(*record.exc_info)).rstrip())
         elif record.exc_text:
-            entry["exception"] = record.exc_text
+            entry["exception"] = redact(record.exc_text)
         if record.stack_info:
-            entry["stack"] = record.stack_info
+            entry["stack"] = redact(record.stack_info)
+        # Redacted field by field (before encoding: a replacement must not eat a JSON escape), then
+        # once more as a whole, for secrets inside other values (lists, dicts).
         return redact(json.dumps(entry, default=str, ensure_ascii=False))
 
 

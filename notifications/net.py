@@ -70,3 +70,21 @@ def request_client_ip(request) -> str | None:
     """The client address of a Django request."""
     meta = request.META
     return client_ip(meta.get("REMOTE_ADDR"), meta.get("HTTP_X_FORWARDED_FOR"), meta.get("HTTP_X_REAL_IP"))
+
+
+class ForwardedProtoMiddleware:
+    """Drop ``X-Forwarded-Proto`` unless the direct peer is a trusted proxy.
+
+    Django's ``SECURE_PROXY_SSL_HEADER`` believes the header from anyone; this middleware,
+    first in ``MIDDLEWARE`` (settings add both only when ``TRUSTED_PROXIES`` is set), makes
+    it believe ``TRUSTED_PROXIES`` only. Without the header Django falls back to the server's
+    own scheme (uvicorn's, which it took from a trusted proxy itself).
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if not _trusted(request.META.get("REMOTE_ADDR") or ""):
+            request.META.pop("HTTP_X_FORWARDED_PROTO", None)
+        return self.get_response(request)

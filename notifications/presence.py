@@ -26,6 +26,8 @@ from django.utils.module_loading import import_string
 
 logger = logging.getLogger(__name__)
 
+POOL_SIZE = 16  # Redis connections per process for presence writes
+
 
 @dataclass
 class Connection:
@@ -109,6 +111,11 @@ class RedisPresence(BasePresence):
             sentinel = module.sentinel.Sentinel(self.sentinels, socket_timeout=2)
             return sentinel.master_for(settings.REDIS_SENTINEL_MASTER, db=settings.REDIS_SENTINEL_DB,
                                        password=settings.REDIS_SENTINEL_PASSWORD or None)
+        if module.__name__ == "redis.asyncio":
+            # A burst of connects or disconnects (a restart: every client at once) waits for one of
+            # a few connections instead of opening hundreds, or failing with "Too many connections".
+            pool = module.BlockingConnectionPool.from_url(self.url, max_connections=POOL_SIZE, timeout=10)
+            return module.Redis(connection_pool=pool)
         return module.Redis.from_url(self.url)
 
     async def _write(self, connection: Connection) -> None:

@@ -4,6 +4,8 @@ Documented for clients in ``docs/protocol.md``; keep the two in step.
 """
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +63,7 @@ class ProtocolError(Exception):
     fields: dict[str, str] = field(default_factory=dict)
 
     def frame(self) -> dict[str, Any]:
-        frame = {"type": "error", "code": self.code, "message": self.message}
+        frame: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message}
         if self.request_id is not None:
             frame["id"] = self.request_id
         if self.fields:
@@ -85,12 +87,22 @@ class Request:
     epoch: str | None = None
 
 
+# Lone surrogates arrive as JSON escapes (\ud800): UTF-8 cannot encode them, so a frame
+# echoing one could not be sent. Neither they nor NUL can be stored or compared by PostgreSQL.
+_UNSAFE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
+
+
+def is_storable_text(value: Any) -> bool:
+    """A string without NUL or lone surrogates."""
+    return isinstance(value, str) and not _UNSAFE_CHARACTER.search(value)
+
+
 def _request_id(frame: dict) -> Any:
     request_id = frame.get("id")
     if request_id is None:
         return None
     valid_int = isinstance(request_id, int) and not isinstance(request_id, bool) and abs(request_id) < 2**53
-    valid_str = isinstance(request_id, str) and len(request_id) <= MAX_REQUEST_ID_LENGTH
+    valid_str = is_storable_text(request_id) and len(request_id) <= MAX_REQUEST_ID_LENGTH
     if not (valid_int or valid_str):
         raise ProtocolError(
             INVALID,
@@ -102,13 +114,13 @@ def _request_id(frame: dict) -> Any:
 
 def _topic(frame: dict, request_id: Any) -> str:
     topic = frame.get("topic")
-    if not isinstance(topic, str) or not topic or len(topic) > 80:
+    if not is_storable_text(topic) or not topic or len(topic) > 80:
         raise ProtocolError(INVALID, "'topic' must be a topic slug.", request_id, {"topic": "required slug"})
     return topic
 
 
 def _ids(frame: dict, request_id: Any) -> tuple[int, ...]:
-    ids = frame.get("ids")
+    ids: Any = frame.get("ids")
     valid = (
         isinstance(ids, list)
         and 0 < len(ids) <= MAX_IDS_PER_REQUEST
@@ -129,7 +141,7 @@ MAX_CURSOR = 2**63 - 1
 
 def parse_cursor(value, request_id: Any = None) -> int:
     """A resume cursor: the id of the last notification the client saw (0 for none)."""
-    if isinstance(value, str) and value.isdigit() and len(value) < 20:
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:  # not "²"
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CURSOR:
         raise ProtocolError(
@@ -147,7 +159,7 @@ def _resume(frame: dict, request_id: Any) -> dict:
     return {"since": parse_cursor(frame.get("since"), request_id), "epoch": epoch}
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict, Any], dict[str, Any]]] = {
     "ping": lambda frame, rid: {},
     "mark_all_read": lambda frame, rid: {},
     "subscribe": lambda frame, rid: {"topic": _topic(frame, rid)},

@@ -76,7 +76,8 @@ def latest_visible_id(user) -> int:
 
 
 def _read(user) -> Q:
-    return Q(id__lte=_watermark(user)) | _receipts(user, read_at__isnull=False)
+    # Q | Exists is a Q (Django combines conditional expressions); the stubs say Combinable.
+    return Q(id__lte=_watermark(user)) | _receipts(user, read_at__isnull=False)  # type: ignore[return-value]
 
 
 def _with_read_state(user, ids: list[int], order: str) -> list[Notification]:
@@ -133,12 +134,14 @@ def read_count(notification: Notification) -> int:
     past_watermark = Exists(
         InboxState.objects.filter(user=OuterRef("user_id"), read_watermark__gte=notification.pk)
     )
+    audience: QuerySet
     if notification.audience == Audience.USER:
-        audience = get_user_model().objects.filter(pk=notification.recipient_id).annotate(user_id=F("pk"))
+        recipient = notification.recipient_id  # set for every personal notification
+        audience = get_user_model().objects.filter(pk=recipient).annotate(user_id=F("pk"))  # type: ignore[misc]
     elif notification.audience == Audience.TOPIC:
         audience = Follow.objects.filter(
             Q(ended_at__isnull=True) | Q(ended_at__gt=notification.created_at),
-            topic_id=notification.topic_id,
+            topic_id=notification.topic_id,  # type: ignore[misc]  # set for every topic notification
             created_at__lte=notification.created_at,
         )
     else:

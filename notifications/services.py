@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -171,7 +172,7 @@ def _request_hash(actor, rows: list[Notification]) -> str:
     request = {
         "title": first.title, "body": first.body, "level": first.level, "data": first.data, "link": first.link,
         "actor": actor.pk if actor else None, "audience": first.audience,
-        "recipients": sorted(row.recipient.pk for row in rows) if first.audience == Audience.USER else None,
+        "recipients": sorted(row.recipient_id or 0 for row in rows) if first.audience == Audience.USER else None,
         "topic": first.topic.slug if first.topic else None,
     }
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
@@ -292,11 +293,12 @@ def topic_unfollow(*, user, topic: Topic) -> bool:
 
 def notification_resend(*, notification: Notification, actor=None) -> list[Notification]:
     """Send a copy of a stored notification to the same audience (a new notification, pushed again)."""
-    audience = {
+    audiences: dict[str, dict[str, Any]] = {
         Audience.USER: {"users": [notification.recipient_id]},
         Audience.TOPIC: {"topic": notification.topic},
         Audience.BROADCAST: {"broadcast": True},
-    }[notification.audience]
+    }
+    audience = audiences[notification.audience]
     return notification_send(
         title=notification.title,
         body=notification.body,
@@ -326,7 +328,7 @@ def topic_members_changed(*, topic: Topic) -> list[int]:
         removed = list(follows.values_list("user_id", flat=True))
         follows.update(ended_at=timezone.now())
         for user_id in removed:
-            transaction.on_commit(lambda user_id=user_id: push.topic_unfollowed(user_id, topic.slug))
+            transaction.on_commit(partial(push.topic_unfollowed, user_id, topic.slug))
     return removed
 
 

@@ -21,7 +21,7 @@ SECRET_KEY = env.str("SECRET_KEY", default="")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("Set SECRET_KEY in the environment (it may be omitted only when DEBUG=1).")
-    SECRET_KEY = "dev-only-insecure-secret-key-do-not-use-in-production"
+    SECRET_KEY = "dev-only-insecure-secret-key-do-not-use-in-production"  # noqa: S105 - DEBUG=1 only (above)
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
 
@@ -179,6 +179,28 @@ NOTIFICATIONS = {
     # This server process's name in presence listings (default: host name and process id).
     "SERVER_ID": env.str("SERVER_ID", default=""),
 }
+
+# ---- Production security: HTTPS, cookies, HSTS, proxies (docs/security.md) -------------------
+# With DEBUG=0 and HTTPS=1, `manage.py check --deploy` reports nothing
+# (tests/test_deploy.py). Every variable is in the README's configuration table.
+# HTTPS=1: the site is served only over TLS (by this server or by a TLS-terminating proxy).
+HTTPS = env.bool("HTTPS", default=False)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = HTTPS
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=HTTPS)
+# Machine endpoints keep answering plain HTTP (load balancer health checks, Prometheus).
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=365 * 24 * 3600 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=HTTPS)
+# Origins (scheme://host[:port]) allowed to make session-authenticated unsafe requests besides
+# the site's own, e.g. a front end on another subdomain.
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+if NOTIFICATIONS["TRUSTED_PROXIES"]:
+    # Behind a TLS-terminating proxy: its X-Forwarded-Proto says whether the client used https.
+    # Believed only from TRUSTED_PROXIES: the middleware drops the header from any other peer.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    MIDDLEWARE = ["notifications.net.ForwardedProtoMiddleware", *MIDDLEWARE]
+# ---- End of production security ---------------------------------------------------------------
 
 # GET /metrics (Prometheus): allowed from these client addresses or networks ("unix" allows a
 # Unix-socket peer), or with "Authorization: Bearer <METRICS_TOKEN>". The client address is the

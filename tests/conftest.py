@@ -172,7 +172,7 @@ async def ws():
     for comm in opened:
         try:
             await comm.disconnect(timeout=2)
-        except Exception:  # already closed by the server
+        except Exception:  # noqa: S110 - already closed by the server
             pass
 
 

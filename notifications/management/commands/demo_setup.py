@@ -12,8 +12,8 @@ from django.utils import timezone
 from notifications.auth import token_create
 from notifications.models import ApiToken, Topic
 
-DEMO_PASSWORD = "notify-demo-pass"
-TOKEN_NAME = "demo"
+DEMO_PASSWORD = "notify-demo-pass"  # noqa: S105 - demo users only; refused with DEBUG=0 unless --force
+TOKEN_NAME = "demo"  # noqa: S105 - a token's label, not a token
 USERS = [("alice", False), ("bob", False), ("admin", True)]
 TOPICS = [("announcements", "Announcements", False), ("deploys", "Deploys", False), ("security", "Security", True)]
 

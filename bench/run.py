@@ -1,0 +1,669 @@
+"""The benchmark of issue 9: the product against a tutorial Channels app and raw ``websockets``.
+
+    .venv/bin/python bench/run.py               # the short run (make bench, under 2 minutes)
+    .venv/bin/python bench/run.py --full        # every scenario of docs/performance.md (about 15 minutes)
+    .venv/bin/python bench/run.py --only broadcast --n 1000 --targets product,product-daphne --rates 10,100
+
+Everything runs on this machine, on loopback: PostgreSQL (``BENCH_DATABASE_URL``, default
+``postgres://postgres@127.0.0.1:5432/notif_bench``, created and migrated here), the real
+Redis (``REDIS_URL``) under a unique ``CHANNELS_PREFIX``, the servers, the open-loop
+senders (``bench/sender.py``) and the load-generator processes (``bench/loadgen.py``).
+Each scenario prints a row per target and rate; the run writes
+``bench/results/bench-<date>.json`` (machine, load average, git commit, every row) and
+``bench/results/bench-<date>.png``. docs/performance.md explains every number.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+BENCH = BASE_DIR / "bench"
+RESULTS = BENCH / "results"
+PY = sys.executable
+VENV_BIN = Path(PY).parent
+DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/notif_bench"
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+# bin/serve's uvicorn options (production), then the loop and parser it picks anyway when installed.
+SERVE_FLAGS = ["--ws", "websockets-sansio", "--ws-max-size", "1048576", "--ws-per-message-deflate", "false",
+               "--lifespan", "on", "--timeout-graceful-shutdown", "10", "--no-proxy-headers",
+               "--header", "server:notifications", "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
+SERVER_FLAGS = ["--ws", "websockets-sansio", "--ws-per-message-deflate", "false", "--loop", "uvloop",
+                "--http", "httptools"]
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# Processes
+
+
+class Worker:
+    """A child speaking one JSON line per command on stdin/stdout."""
+
+    def __init__(self, argv, env=None, name="worker"):
+        self.name = name
+        self.process = subprocess.Popen(argv, cwd=BASE_DIR, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, bufsize=1)
+
+    def send(self, cmd: dict) -> None:
+        self.process.stdin.write(json.dumps(cmd) + "\n")
+        self.process.stdin.flush()
+
+    def read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.name} exited ({self.process.poll()})")
+        return json.loads(line)
+
+    def call(self, cmd: dict) -> dict:
+        self.send(cmd)
+        return self.read()
+
+    def stop(self):
+        try:
+            self.call({"cmd": "close"})
+        except Exception:
+            pass
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def call_all(workers, cmds):
+    for w, c in zip(workers, cmds, strict=True):
+        w.send(c)
+    return [w.read() for w in workers]
+
+
+class Server:
+    def __init__(self, target: str, argv: list[str], env: dict, port: int, log_path: Path):
+        self.target, self.port, self.log_path = target, port, log_path
+        with open(log_path, "ab") as out:
+            self.process = subprocess.Popen(argv, cwd=BASE_DIR, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{target} exited: {log_path.read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{target} did not start: {log_path.read_text()[-2000:]}")
+        self.pid = self.process.pid
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss(self) -> int:
+        return rss_kib(self.pid)
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+# Targets: how each server is started. "product" is bin/serve (production), one process.
+
+PRODUCT_VARIANTS = {
+    # name: (extra uvicorn args, extra env, server kind)
+    "product": ([], {}, "uvicorn"),
+    "product-asyncio": (["--loop", "asyncio"], {}, "uvicorn"),
+    "product-h11": (["--http", "h11"], {}, "uvicorn"),
+    "product-ws-legacy": (["--ws", "websockets"], {}, "uvicorn"),
+    "product-wsproto": (["--ws", "wsproto"], {}, "uvicorn"),
+    "product-deflate": (["--ws-per-message-deflate", "true"], {}, "uvicorn"),
+    "product-pubsub": ([], {"CHANNELS_LAYER": "pubsub"}, "uvicorn"),
+    "product-nopersist": ([], {"CONN_MAX_AGE": "0"}, "uvicorn"),
+    "product-2workers": (["--workers", "2"], {}, "uvicorn"),
+    "product-threadpool": ([], {"BENCH_VARIANT": "threadpool"}, "uvicorn"),
+    "product-daphne": ([], {}, "daphne"),
+}
+
+
+def product_variant(target: str):
+    """``product-v:a+b`` is the product with bench/variants.py's changes ``a`` and ``b``."""
+    if target.startswith("product-v:"):
+        return [], {"BENCH_VARIANT": target.split(":", 1)[1]}, "uvicorn"
+    return PRODUCT_VARIANTS[target]
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = RESULTS / "tmp" / self.stamp
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix = f"bench-{uuid.uuid4().hex[:8]}"
+        self.db_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DB)
+        self.rows: list[dict] = []
+        self.tokens: list[str] = []
+        self.usernames: list[str] = []
+        self.user_ids: list[int] = []
+        self.sender_token = ""
+
+    # Environment
+
+    def env(self, **extra) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "CHANNELS_", "DATABASE_URL"))}
+        env.update({"DATABASE_URL": self.db_url, "REDIS_URL": REDIS_URL, "CHANNELS_PREFIX": self.prefix,
+                    "DEBUG": "0", "SECRET_KEY": "bench-not-secret", "ALLOWED_HOSTS": "127.0.0.1,localhost",
+                    "LOG_LEVEL": "WARNING", "DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": str(BASE_DIR),
+                    # One user per socket: the per-user connection limit does not apply here.
+                    "WS_MAX_CONNECTIONS_PER_USER": "20"})
+        env.update(extra)
+        return env
+
+    def setup(self, users: int):
+        """Create and migrate the bench database; one token per user (and the sender's) in one call."""
+        import psycopg
+
+        name = self.db_url.rsplit("/", 1)[1]
+        admin_url = self.db_url.rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+                conn.execute(f'CREATE DATABASE "{name}"')
+        env = self.env()
+        subprocess.run([PY, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=BASE_DIR, env=env, check=True)
+        self.usernames = [f"bench-u{i:05d}" for i in range(users)]
+        started = time.perf_counter()
+        out = subprocess.run([PY, "manage.py", "create_api_token", "--create-users", "--staff", "--name", "bench",
+                              "bench-sender", *self.usernames], cwd=BASE_DIR, env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        self.sender_token, self.tokens = out[0], out[1:]
+        assert len(self.tokens) == users, (len(self.tokens), users)
+        script = (
+            "import django, json, sys; django.setup()\n"
+            "from django.contrib.auth import get_user_model\n"
+            "from notifications.models import Topic, Follow, ApiToken, Notification\n"
+            # Every run starts with an empty inbox for everyone: the connect path counts unread
+            # notifications, so notifications left by earlier runs would slow it down run after run.
+            "Notification.objects.all().delete()\n"
+            "names = json.loads(sys.stdin.read())\n"
+            "ids = dict(get_user_model().objects.filter(username__in=names).values_list('username', 'pk'))\n"
+            "topic, _ = Topic.objects.get_or_create(slug='bench', defaults={'title': 'bench'})\n"
+            "have = set(Follow.objects.filter(topic=topic, ended_at__isnull=True).values_list('user_id', flat=True))\n"
+            "Follow.objects.bulk_create([Follow(user_id=ids[n], topic=topic) for i, n in enumerate(names)"
+            " if i % 2 == 0 and ids[n] not in have])\n"
+            # Tokens of earlier runs: revoke none, but keep the table from growing without bound.
+            "ApiToken.objects.filter(name='bench', revoked_at__isnull=True).exclude(pk__in=ApiToken.objects"
+            ".filter(name='bench').order_by('-pk').values('pk')[:len(names) + 1]).delete()\n"
+            "print(json.dumps([ids[n] for n in names]))\n"
+        )
+        result = subprocess.run([PY, "-c", script], cwd=BASE_DIR, env=env, check=True, capture_output=True,
+                                text=True, input=json.dumps(self.usernames))
+        self.user_ids = json.loads(result.stdout)
+        log(f"setup: {users} users and tokens in {time.perf_counter() - started:.1f} s (one create_api_token call)")
+
+    # Servers
+
+    def start(self, target: str) -> Server:
+        port = free_port()
+        log_path = self.run_dir / f"{target}-{port}.log"
+        if target == "raw":
+            argv = [PY, str(BENCH / "raw_server.py"), str(port), REDIS_URL, f"{self.prefix}-raw"]
+            return Server(target, argv, self.env(), port, log_path)
+        if target.startswith("baseline"):
+            layer = "pubsub" if target == "baseline-pubsub" else "core"
+            argv = [str(VENV_BIN / "uvicorn"), "bench.baseline.asgi:application", "--host", "127.0.0.1",
+                    "--port", str(port), *SERVER_FLAGS, "--lifespan", "off", "--no-access-log"]
+            env = self.env(DJANGO_SETTINGS_MODULE="bench.baseline.settings", BASELINE_LAYER=layer,
+                           CHANNELS_PREFIX=f"{self.prefix}-baseline")
+            return Server(target, argv, env, port, log_path)
+        extra, extra_env, kind = product_variant(target)
+        env = self.env(**extra_env)
+        if kind == "daphne":
+            argv = [str(VENV_BIN / "daphne"), "-b", "127.0.0.1", "-p", str(port), "project.asgi:application"]
+        else:
+            # bin/serve's uvicorn command (one process unless the variant says --workers), run directly so a
+            # variant can name another application (bench/variants.py).
+            app = "bench.variants:application" if "BENCH_VARIANT" in extra_env else "project.asgi:application"
+            argv = [str(VENV_BIN / "uvicorn"), app, "--host", "127.0.0.1", "--port", str(port), *SERVE_FLAGS,
+                    *extra]
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(self.run_dir / f"metrics-{port}")
+            os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        return Server(target, argv, env, port, log_path)
+
+    def loadgens(self, count: int) -> list[Worker]:
+        return [Worker([PY, str(BENCH / "loadgen.py")], env=self.env(), name=f"loadgen{i}") for i in range(count)]
+
+    def connect(self, gens, server: Server, tokens: list[str], concurrency: int) -> dict:
+        product = server.target.startswith("product")
+        path = "/ws/notifications/" if product else ("/ws/" if server.target.startswith("baseline") else "/")
+        parts = [tokens[i::len(gens)] for i in range(len(gens))]
+        replies = call_all(gens, [{"cmd": "connect", "port": server.port, "path": path, "tokens": part,
+                                   "subprotocol": "notifications.v1", "wait_hello": product,
+                                   "concurrency": max(1, concurrency // len(gens)), "timeout": 30}
+                                  for part in parts])
+        errors: dict[str, int] = {}
+        for r in replies:
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        start = min(r["start"] for r in replies)
+        end = max(r["start"] + r["elapsed"] for r in replies)
+        connected = sum(r["connected"] for r in replies)
+        return {"connected": connected, "failed": sum(r["failed"] for r in replies), "errors": errors,
+                "elapsed": end - start, "connects_per_s": connected / (end - start),
+                "connect_p99_ms": 1000 * max(r["connect_p99"] or 0 for r in replies)}
+
+    def sender(self, server: Server) -> Worker:
+        t = server.target
+        if t == "raw":
+            mode, options = "raw", {"redis_url": REDIS_URL, "channel": f"{self.prefix}-raw"}
+            env = self.env()
+        elif t.startswith("baseline"):
+            mode, options = "baseline", {}
+            env = self.env(DJANGO_SETTINGS_MODULE="bench.baseline.settings",
+                           BASELINE_LAYER="pubsub" if t == "baseline-pubsub" else "core",
+                           CHANNELS_PREFIX=f"{self.prefix}-baseline")
+        else:
+            mode, options = "product", {"actor": "bench-sender", "user_ids": self.user_ids}
+            env = self.env(**product_variant(t)[1])
+        worker = Worker([PY, str(BENCH / "sender.py"), mode, json.dumps(options)], env=env, name=f"sender-{t}")
+        assert worker.read().get("ready")
+        return worker
+
+    def api_sender(self, server: Server, users: list[str]) -> Worker:
+        options = {"port": server.port, "token": self.sender_token, "users": users}
+        worker = Worker([PY, str(BENCH / "sender.py"), "api", json.dumps(options)], env=self.env(), name="api")
+        assert worker.read().get("ready")
+        return worker
+
+    # Measuring one phase: reset, send open-loop, wait until everything arrived (or stopped arriving)
+
+    def phase(self, gens, sender, server, *, rate, duration, per_send, extra_cmd=None, drain=20.0):
+        call_all(gens, [{"cmd": "reset"}] * len(gens))
+        cpu0, load0 = server_cpu(server), loadavg()
+        sent = sender.call({"cmd": "send", "rate": rate, "duration": duration, **(extra_cmd or {})})
+        expected = sent["sent"] * per_send
+        deadline = time.monotonic() + drain
+        last, still = -1, time.monotonic()
+        while True:
+            stats = call_all(gens, [{"cmd": "stats"}] * len(gens))
+            received = sum(s["frames"] for s in stats)
+            if received >= expected or time.monotonic() > deadline:
+                break
+            if received != last:
+                last, still = received, time.monotonic()
+            elif time.monotonic() - still > 3.0:
+                break  # nothing arrived for 3 s: the rest is lost
+            time.sleep(0.2)
+        cpu = server_cpu(server) - cpu0
+        hist: dict[int, int] = {}
+        for s in stats:
+            for k, v in s["hist"].items():
+                hist[int(k)] = hist.get(int(k), 0) + v
+        last_recv = max((s["last_recv"] or 0) for s in stats)
+        span = (last_recv - sent["t0"]) if received else float("nan")
+        codes: dict[str, int] = {}
+        for s in stats:
+            for k, v in s["close_codes"].items():
+                codes[k] = codes.get(k, 0) + v
+        return {
+            "rate": rate, "duration": duration, "scheduled": sent["scheduled"], "sent": sent["sent"],
+            "send_errors": sent["errors"], "expected": expected, "received": received,
+            "lost": max(0, expected - received), "duplicates": max(0, received - expected),
+            "offered_per_s": rate * per_send,
+            "delivered_per_s": received / span if received else 0.0,
+            "p50_ms": pct_ms(hist, 0.5), "p99_ms": pct_ms(hist, 0.99), "max_ms": 1000 * max(s["max_latency"]
+                                                                                             for s in stats),
+            "sender_lag_p99_ms": ms(sent["lag_p99"]), "send_call_p99_ms": ms(sent["call_p99"]),
+            "server_cpu_s": cpu, "server_cpu_ms_per_1000": 1e6 * cpu / received if received else None,
+            "client_cpu_ms_per_1000": 1e6 * sum(s["cpu"] for s in stats) / received if received else None,
+            "open_sockets": sum(s["open"] for s in stats), "close_codes": codes, "load": [load0, loadavg()],
+            "api_p50_ms": ms(sent.get("call_p50")), "api_p99_ms": ms(sent.get("call_p99")),
+        }
+
+    def profiler(self, server: Server, label: str):
+        """``--profile``: py-spy samples the product server (every thread) until ``stop_profiler``."""
+        if not self.args.profile or not server.target.startswith("product"):
+            return None
+        out = RESULTS / f"profile-{self.stamp}-{label}.txt"
+        return subprocess.Popen([str(VENV_BIN / "py-spy"), "record", "-p", str(server.pid), "-r", "200",
+                                 "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def stop_profiler(spy):
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+
+    def row(self, scenario: str, target: str, n: int, data: dict) -> None:
+        row = {"scenario": scenario, "target": target, "n": n, **data}
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+
+    # Scenarios
+
+    def broadcast(self, targets, n, rates, duration, label="broadcast"):
+        for target in targets:
+            server = self.start(target)
+            gens = self.loadgens(self.args.clients)
+            try:
+                conn = self.connect(gens, server, self.tokens[:n], concurrency=50)
+                if conn["failed"]:
+                    log(f"{target}: {conn['failed']} failed connects: {conn['errors']}")
+                sender = self.sender(server)
+                # Warm-up: the first notification imports and primes everything (not measured).
+                self.phase(gens, sender, server, rate=5, duration=0.4, per_send=conn["connected"], drain=5)
+                for rate in rates:
+                    spy = self.profiler(server, f"{label}-{target}-n{n}-r{rate}")
+                    result = self.phase(gens, sender, server, rate=rate, duration=duration,
+                                        per_send=conn["connected"])
+                    self.stop_profiler(spy)
+                    result["failed_connects"] = conn["failed"]
+                    self.row(label, target, n, result)
+                    saturated = (result["lost"] or result["open_sockets"] < conn["connected"]
+                                 or result["delivered_per_s"] < 0.8 * result["offered_per_s"]
+                                 or (result["p99_ms"] or 0) > 5000)
+                    if saturated and not self.args.no_stop:
+                        break
+                sender.stop()
+            finally:
+                for g in gens:
+                    g.stop()
+                server.stop()
+
+    def topic(self, n, rates, duration):
+        server = self.start("product")
+        gens = self.loadgens(self.args.clients)
+        try:
+            conn = self.connect(gens, server, self.tokens[:n], concurrency=50)
+            followers = len(range(0, n, 2))
+            sender = self.sender(server)
+            self.phase(gens, sender, server, rate=5, duration=0.4, per_send=followers,
+                       extra_cmd={"audience": "topic", "topic": "bench"}, drain=5)
+            for rate in rates:
+                result = self.phase(gens, sender, server, rate=rate, duration=duration, per_send=followers,
+                                    extra_cmd={"audience": "topic", "topic": "bench"})
+                result["failed_connects"] = conn["failed"]
+                result["followers"] = followers
+                self.row("topic", "product", n, result)
+            sender.stop()
+        finally:
+            for g in gens:
+                g.stop()
+            server.stop()
+
+    def personal(self, n, rates, duration):
+        server = self.start("product")
+        gens = self.loadgens(self.args.clients)
+        try:
+            conn = self.connect(gens, server, self.tokens[:n], concurrency=50)
+            api = self.api_sender(server, self.usernames[:n])
+            self.phase(gens, api, server, rate=20, duration=0.5, per_send=1, drain=5)
+            for rate in rates:
+                spy = self.profiler(server, f"personal-n{n}-r{rate}")
+                result = self.phase(gens, api, server, rate=rate, duration=duration, per_send=1)
+                self.stop_profiler(spy)
+                result["failed_connects"] = conn["failed"]
+                self.row("personal-api", "product", n, result)
+            api.stop()
+        finally:
+            for g in gens:
+                g.stop()
+            server.stop()
+
+    def connects(self, targets, n, concurrency=200):
+        """Connect rate (authenticated for the product: handshake + token + hello) and idle memory."""
+        for target in targets:
+            server = self.start(target)
+            gens = self.loadgens(self.args.clients)
+            try:
+                warm = self.connect(gens, server, self.tokens[n:n + 20] or self.tokens[:20], concurrency=20)
+                call_all(gens, [{"cmd": "close"}] * len(gens))
+                for g in gens:
+                    g.process.wait(5)
+                time.sleep(1.0)
+                gens = self.loadgens(self.args.clients)
+                rss0, load0 = server_rss(server), loadavg()
+                spy = self.profiler(server, f"connect-{target}-n{n}")
+                result = self.connect(gens, server, self.tokens[:n], concurrency=concurrency)
+                self.stop_profiler(spy)
+                time.sleep(3.0)  # idle
+                rss1 = server_rss(server)
+                result.update({"warmup_connected": warm["connected"], "rss_before_kib": rss0, "rss_after_kib": rss1,
+                               "kib_per_connection": (rss1 - rss0) / max(1, result["connected"]),
+                               "load": [load0, loadavg()], "concurrency": concurrency})
+                self.row("connect", target, n, result)
+            finally:
+                for g in gens:
+                    g.stop()
+                server.stop()
+
+    # Output
+
+    def write(self, started: float):
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BASE_DIR, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BASE_DIR,
+                                    capture_output=True, text=True).stdout.strip())
+        data = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": round(time.time() - started, 1),
+            "git_commit": commit, "git_dirty": dirty, "args": vars(self.args),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                        "loadavg_end": loadavg()},
+            "database": self.db_url.split("@")[-1], "redis": REDIS_URL.split("@")[-1], "prefix": self.prefix,
+            "rows": self.rows, "summary": summarize(self.rows),
+        }
+        path = RESULTS / f"bench-{self.stamp}.json"
+        path.write_text(json.dumps(data, indent=1) + "\n")
+        log(f"written: {path.relative_to(BASE_DIR)}")
+        try:
+            from plot import plot
+
+            png = plot(data, RESULTS / f"bench-{self.stamp}.png")
+            shutil.copyfile(png, RESULTS / "latest.png")
+            log(f"written: {png.relative_to(BASE_DIR)} (and bench/results/latest.png)")
+        except ImportError as exc:
+            log(f"no plot: {exc} (pip install -r requirements-bench.txt)")
+        print_summary(data["summary"])
+
+
+def server_pids(server: Server) -> list[int]:
+    pids = [server.pid]
+    stack = [server.pid]
+    while stack:
+        out = subprocess.run(["pgrep", "-P", str(stack.pop())], capture_output=True, text=True).stdout.split()
+        for p in out:
+            pids.append(int(p))
+            stack.append(int(p))
+    return pids
+
+
+def server_cpu(server: Server) -> float:
+    total = 0.0
+    for pid in server_pids(server):
+        try:
+            total += cpu_seconds(pid)
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def server_rss(server: Server) -> int:
+    total = 0
+    for pid in server_pids(server):
+        try:
+            total += rss_kib(pid)
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def ms(seconds):
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
+def pct_ms(hist: dict[int, int], p: float):
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank, seen = p * total, 0
+    for k in sorted(hist):
+        seen += hist[k]
+        if seen >= rank:
+            return round(math.exp((k + 0.5) / 100) / 1000, 2)  # bucket middle, microseconds -> ms
+    return None
+
+
+def fmt(v, digits=0):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def format_row(r: dict) -> str:
+    if r["scenario"] == "connect":
+        return (f"{r['scenario']:<13} {r['target']:<18} N={r['n']:<6} connects/s={fmt(r['connects_per_s'])} "
+                f"failed={r['failed']} p99={fmt(r['connect_p99_ms'], 1)}ms KiB/conn={fmt(r['kib_per_connection'], 1)}"
+                f" load={r['load'][0][0]:.2f}")
+    extra = f" api p99={fmt(r['api_p99_ms'], 1)}ms" if r["scenario"] == "personal-api" else ""
+    return (f"{r['scenario']:<13} {r['target']:<18} N={r['n']:<6} rate={r['rate']:<5} "
+            f"offered/s={fmt(float(r['offered_per_s']))} delivered/s={fmt(r['delivered_per_s'])} "
+            f"p50={fmt(r['p50_ms'], 1)}ms p99={fmt(r['p99_ms'], 1)}ms max={fmt(r['max_ms'], 1)}ms "
+            f"lost={r['lost']} closed={r['close_codes'] or 0} cpu/1000={fmt(r['server_cpu_ms_per_1000'], 1)}ms"
+            f" client_cpu/1000={fmt(r['client_cpu_ms_per_1000'], 1)}ms sender_lag_p99={fmt(r['sender_lag_p99_ms'], 1)}ms{extra} load={r['load'][0][0]:.2f}")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per scenario and N: each target's best lossless delivered/s, its p99 at 10/s, and ratios."""
+    out: dict = {}
+    for r in rows:
+        if r["scenario"] not in ("broadcast",):
+            continue
+        key = f"broadcast N={r['n']}"
+        entry = out.setdefault(key, {}).setdefault(r["target"], {"peak_lossless_per_s": 0.0, "peak_per_s": 0.0})
+        entry["peak_per_s"] = max(entry["peak_per_s"], r["delivered_per_s"])
+        if not r["lost"] and r["open_sockets"] >= r["expected"] // max(1, r["sent"]):
+            entry["peak_lossless_per_s"] = max(entry["peak_lossless_per_s"], r["delivered_per_s"])
+        if r["rate"] == 10:
+            entry["p99_ms_at_10"] = r["p99_ms"]
+            entry["lost_at_10"] = r["lost"]
+    for per_target in out.values():
+        raw = per_target.get("raw", {}).get("peak_per_s")
+        base = per_target.get("baseline", {}).get("peak_lossless_per_s") or per_target.get("baseline", {}).get(
+            "peak_per_s")
+        for name, entry in per_target.items():
+            if raw:
+                entry["ratio_to_raw"] = round(entry["peak_lossless_per_s"] / raw, 3)
+            if base:
+                entry["ratio_to_baseline"] = round(entry["peak_lossless_per_s"] / base, 2)
+    return out
+
+
+def print_summary(summary: dict) -> None:
+    for key, per_target in summary.items():
+        print(f"\n{key}: best lossless delivered/s (ratio to raw websockets, to the tutorial Channels app)")
+        for name, e in per_target.items():
+            print(f"  {name:<18} {e['peak_lossless_per_s']:>10,.0f}/s  x{e.get('ratio_to_raw', float('nan')):.2f} raw"
+                  f"  x{e.get('ratio_to_baseline', float('nan')):.1f} baseline  p99@10/s={e.get('p99_ms_at_10')}ms")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="every scenario, N=1000/5000/10000")
+    parser.add_argument("--only", default="", help="comma-separated: broadcast,topic,personal,connect")
+    parser.add_argument("--targets", default="raw,baseline,product")
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--rates", default="")
+    parser.add_argument("--duration", type=float, default=0)
+    parser.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    parser.add_argument("--profile", action="store_true", help="py-spy record the product server during each phase")
+    parser.add_argument("--no-stop", action="store_true", help="do not stop a rate sweep at saturation")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every server and client
+    if hard < 25000 and args.full:
+        log(f"warning: RLIMIT_NOFILE hard limit {hard}: 10,000 sockets need about 10,100 per process")
+    started = time.time()
+    log(f"load average at start: {loadavg()}")
+    bench = Bench(args)
+    targets = args.targets.split(",")
+    only = set(filter(None, args.only.split(",")))
+    if args.full:
+        bench.setup(10_000)
+        sweep = [10, 25, 50, 75, 100, 125, 150, 200, 250, 300]
+        if not only or "broadcast" in only:
+            bench.broadcast(targets, 1000, sweep, 4.0)
+            bench.broadcast(targets, 5000, [2, 5, 10, 15, 20, 25, 30, 40, 50, 60], 4.0)
+        if not only or "personal" in only:
+            bench.personal(1000, [100, 500], 5.0)
+        if not only or "topic" in only:
+            bench.topic(1000, [10, 100], 4.0)
+        if not only or "connect" in only:
+            bench.connects(targets, 5000)
+            bench.connects(["raw", "product"], 10_000)
+    elif only:
+        bench.setup(max(args.n + 20, 1000))
+        rates = [float(x) if "." in x else int(x) for x in args.rates.split(",")] if args.rates else [10, 100, 200]
+        duration = args.duration or 3.0
+        if "broadcast" in only:
+            bench.broadcast(targets, args.n, rates, duration)
+        if "personal" in only:
+            bench.personal(args.n, rates if args.rates else [100, 500], duration)
+        if "topic" in only:
+            bench.topic(args.n, rates if args.rates else [10, 100], duration)
+        if "connect" in only:
+            bench.connects(targets, args.n)
+    else:  # the short run of `make bench`
+        bench.setup(1020)
+        bench.broadcast(targets, 1000, [10, 100, 200], 2.0)
+        bench.personal(1000, [100], 3.0)
+        bench.connects(["product"], 1000)
+    bench.write(started)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(BENCH))
+    main()

@@ -1,0 +1,188 @@
+"""Configuration for several processes and machines: the channel layer from the environment
+(one URL, Redis Sentinel, the pub/sub layer), the one-process warning, and bin/serve's refusal."""
+
+import asyncio
+import os
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+from django.core.exceptions import ImproperlyConfigured
+
+from notifications.checks import channel_layer_check
+from project.layers import parse_sentinels
+from tests.conftest import missing_service
+from tests.server import APP_ENV, BASE_DIR
+
+SETTINGS = str(BASE_DIR / "project" / "settings.py")
+MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+
+def load_settings(monkeypatch, **env) -> dict:
+    """project/settings.py evaluated with exactly ``env`` (besides DEBUG=1) as the app's environment."""
+    for name in APP_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return runpy.run_path(SETTINGS)
+
+
+def test_redis_url_gives_the_core_layer(monkeypatch):
+    settings = load_settings(monkeypatch, REDIS_URL="redis://cache:6379/2", CHANNELS_PREFIX="prod",
+                             CHANNELS_CAPACITY="500")
+    assert settings["CHANNEL_LAYERS"] == {"default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [{"address": "redis://cache:6379/2", "socket_timeout": None}], "prefix": "prod",
+                   "capacity": 500, "expiry": 60, "group_expiry": 86400},
+    }}
+    assert settings["NOTIFICATIONS"]["PRESENCE_BACKEND"] == "notifications.presence.RedisPresence"
+
+
+def test_sentinels_give_a_sentinel_managed_master(monkeypatch):
+    settings = load_settings(monkeypatch, REDIS_SENTINELS="10.0.0.1:26379, 10.0.0.2:26380,[fd00::3]:26379,s4",
+                             REDIS_SENTINEL_MASTER="notifications", REDIS_SENTINEL_DB="3",
+                             REDIS_SENTINEL_PASSWORD="pw")
+    assert settings["CHANNEL_LAYERS"]["default"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+    assert settings["CHANNEL_LAYERS"]["default"]["CONFIG"]["hosts"] == [{
+        "sentinels": [("10.0.0.1", 26379), ("10.0.0.2", 26380), ("fd00::3", 26379), ("s4", 26379)],
+        "master_name": "notifications", "db": 3, "socket_timeout": None, "password": "pw",
+    }]
+    assert settings["NOTIFICATIONS"]["PRESENCE_BACKEND"] == "notifications.presence.RedisPresence"
+    # channels-redis turns that entry into a SentinelConnectionPool for the master.
+    from channels_redis.utils import create_pool
+    from redis.asyncio.sentinel import SentinelConnectionPool
+
+    pool = create_pool(settings["CHANNEL_LAYERS"]["default"]["CONFIG"]["hosts"][0])
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == "notifications"
+
+
+def test_sentinels_need_a_master_name(monkeypatch):
+    with pytest.raises(ImproperlyConfigured, match="REDIS_SENTINEL_MASTER"):
+        load_settings(monkeypatch, REDIS_SENTINELS="10.0.0.1:26379")
+    with pytest.raises(ImproperlyConfigured, match="host:port"):
+        parse_sentinels("10.0.0.1:port")
+
+
+def test_pubsub_layer_has_no_capacity_or_expiry(monkeypatch):
+    settings = load_settings(monkeypatch, REDIS_URL="redis://r:6379/0", CHANNELS_LAYER="pubsub")
+    assert settings["CHANNEL_LAYERS"]["default"] == {
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [{"address": "redis://r:6379/0", "socket_timeout": None}], "prefix": "notifications"},
+    }
+    with pytest.raises(ImproperlyConfigured, match="CHANNELS_LAYER"):
+        load_settings(monkeypatch, REDIS_URL="redis://r:6379/0", CHANNELS_LAYER="cluster")
+
+
+def test_no_redis_means_the_in_memory_layer_and_local_presence(monkeypatch):
+    settings = load_settings(monkeypatch)
+    assert settings["CHANNEL_LAYERS"] == MEMORY
+    assert settings["NOTIFICATIONS"]["PRESENCE_BACKEND"] == "notifications.presence.LocalPresence"
+
+
+def test_metrics_and_log_settings(monkeypatch):
+    settings = load_settings(monkeypatch, METRICS_ALLOWED_IPS="10.0.0.0/8,unix", METRICS_TOKEN="t",
+                             LOG_FORMAT="json")
+    assert (settings["METRICS_ALLOWED_IPS"], settings["METRICS_TOKEN"]) == (["10.0.0.0/8", "unix"], "t")
+    assert settings["LOGGING"]["handlers"]["console"]["formatter"] == "json"
+    defaults = load_settings(monkeypatch)
+    assert (defaults["METRICS_ALLOWED_IPS"], defaults["METRICS_TOKEN"]) == (["127.0.0.1", "::1"], "")
+    assert defaults["LOGGING"]["handlers"]["console"]["formatter"] == "plain"
+    with pytest.raises(ImproperlyConfigured, match="LOG_FORMAT"):
+        load_settings(monkeypatch, LOG_FORMAT="xml")
+
+
+def test_in_memory_layer_in_production_is_warning_w001(settings):
+    settings.CHANNEL_LAYERS = MEMORY
+    settings.DEBUG = True
+    assert channel_layer_check() == []
+    settings.DEBUG = False
+    [warning] = channel_layer_check()
+    assert warning.id == "notifications.W001"
+    assert "REDIS_URL" in warning.hint
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer"}}
+    assert channel_layer_check() == []
+
+
+def test_manage_py_check_reports_w001():
+    env = {k: v for k, v in os.environ.items() if k not in APP_ENV}
+    env.update(DEBUG="0", SECRET_KEY="x", DJANGO_SETTINGS_MODULE="project.settings")
+    result = subprocess.run([sys.executable, "manage.py", "check"], cwd=BASE_DIR, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert "notifications.W001" in result.stdout + result.stderr
+
+
+def test_bin_serve_refuses_several_workers_without_redis():
+    env = {k: v for k, v in os.environ.items() if k not in APP_ENV}
+    result = subprocess.run([str(BASE_DIR / "bin" / "serve"), "--workers", "2"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 2
+    assert "2 workers need a shared channel layer: set REDIS_URL (or REDIS_SENTINELS)" in result.stderr
+
+
+# A real Sentinel in front of the real Redis
+
+
+@pytest.fixture
+def sentinel(redis_url, tmp_path):
+    """A Redis Sentinel (``redis-server --sentinel``) on a free port, watching the test Redis as
+    master ``test-master``."""
+    binary = shutil.which("redis-sentinel") or shutil.which("redis-server")
+    if binary is None:
+        missing_service("redis-server is not installed (Sentinel runs as redis-server --sentinel)")
+    master = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "sentinel.conf"
+    config.write_text(f"port {port}\nbind 127.0.0.1\ndaemonize no\ndir {tmp_path}\n"
+                      f"sentinel monitor test-master {master['host']} {master['port']} 1\n")
+    process = subprocess.Popen([binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if redis.Redis(port=port, socket_timeout=1).sentinel_master("test-master"):
+                    break
+            except redis.RedisError:
+                pass
+            assert time.monotonic() < deadline, "Sentinel did not start"
+            time.sleep(0.1)
+        yield ("127.0.0.1", port), int(master.get("db") or 0)
+    finally:
+        process.terminate()
+        process.wait(5)
+
+
+@pytest.mark.redis
+async def test_channel_layer_and_presence_through_a_real_sentinel(sentinel, settings, monkeypatch):
+    from channels_redis.core import RedisChannelLayer
+
+    from notifications.presence import Connection, RedisPresence
+    from project.layers import redis_channel_layer
+
+    address, db = sentinel
+    config = redis_channel_layer(prefix="test-sentinel", sentinels=[address], master_name="test-master",
+                                 db=db)["CONFIG"]
+    layer = RedisChannelLayer(**config)
+    channel = await layer.new_channel()
+    await layer.group_add("stream", channel)
+    await layer.group_send("stream", {"type": "stream.notification", "id": 1})
+    assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "stream.notification", "id": 1}
+    await layer.flush()
+
+    settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER, settings.REDIS_SENTINEL_DB = [address], "test-master", db
+    presence = RedisPresence(prefix="test-sentinel")
+    assert presence.sentinels == [address]
+    await presence.add(Connection(id="c1", user_id=1, username="alice", since=time.time(), server="s"))
+    try:
+        assert [c.id for c in await asyncio.to_thread(presence.online)] == ["c1"]
+    finally:
+        await presence.remove("c1")
+    assert await asyncio.to_thread(presence.online) == []

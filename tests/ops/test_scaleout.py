@@ -1,0 +1,117 @@
+"""Several server processes sharing Redis: two ``bin/serve`` processes on two ports stand for two
+machines (different ``SERVER_ID``s). A user connected to both receives every kind of send made
+through either; the admin's disconnect action and "who is online" page span both."""
+
+import asyncio
+import re
+
+import pytest
+
+from tests.server import expect_close, expect_no_frame, recv_json, send_json
+
+pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
+
+ONLINE = "/admin/notifications/notification/online/"
+
+
+@pytest.fixture
+def deploys():
+    from notifications.models import Topic
+
+    return Topic.objects.create(slug="deploys", title="Deploys")
+
+
+async def two_servers(serve):
+    """Two single-worker servers started side by side, as two machines: SERVER_ID host-a and host-b."""
+    return await asyncio.gather(
+        asyncio.to_thread(serve, "host-a", SERVER_ID="host-a"),
+        asyncio.to_thread(serve, "host-b", SERVER_ID="host-b"),
+    )
+
+
+async def hello(server, token):
+    ws = await server.websocket(token=token)
+    frame = await recv_json(ws)
+    assert frame["type"] == "hello", frame
+    return ws, frame
+
+
+async def test_personal_topic_and_broadcast_sends_reach_both_processes(serve, deploys, alice, alice_token,
+                                                                       staff_token):
+    a, b = await two_servers(serve)
+    followed = await a.request_async("POST", "/api/topics/deploys/follow/", token=alice_token)
+    assert followed.status == 200, followed.text
+    (on_a, hello_a), (on_b, hello_b) = await hello(a, alice_token), await hello(b, alice_token)
+    assert hello_a["topics"] == hello_b["topics"] == ["deploys"]
+    assert hello_a["cursor"] == hello_b["cursor"]
+
+    audiences = [{"users": ["alice"]}, {"topic": "deploys"}, {"broadcast": True}]
+    for i, audience in enumerate(audiences):
+        sender = (a, b)[i % 2]  # sent through either process
+        response = await sender.request_async("POST", "/api/notifications/", token=staff_token,
+                                              json_body={"title": f"send {i}", **audience})
+        assert response.status == 201, response.text
+        [sent] = response.json()["notifications"]
+        for ws in (on_a, on_b):
+            assert await recv_json(ws) == {"type": "notification", **sent}
+    for ws in (on_a, on_b):
+        await expect_no_frame(ws, 0.3)
+        await ws.close()
+
+
+def admin_csrf(server, session: dict[str, str]) -> tuple[str, str]:
+    """The CSRF cookie and form token of the admin's user list."""
+    page = server.request("GET", "/admin/auth/user/", headers={"Cookie": f"sessionid={session['sessionid']}"})
+    assert page.status == 200, page.text[:300]
+    form_token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+    return page.cookies()["csrftoken"], form_token
+
+
+def online_rows(server, session) -> list[tuple[str, str]]:
+    """(server, client IP) of each connection on the "Who is online" page."""
+    page = server.request("GET", ONLINE, headers={"Cookie": f"sessionid={session['sessionid']}"})
+    assert page.status == 200, page.text[:300]
+    table = page.text.split('id="online-users"', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<td>[^<]*UTC</td><td>([^<]*)</td><td>[^<]*</td>\s*<td>([^<]*)</td>", table)
+    return sorted((server_id, ip) for ip, server_id in rows)
+
+
+async def wait_for_rows(server, session, expected: list, timeout: float = 5.0) -> list:
+    """The online page's rows once they equal ``expected`` (presence is written just after hello)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        rows = await asyncio.to_thread(online_rows, server, session)
+        if rows == expected or asyncio.get_running_loop().time() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
+
+
+async def test_admin_online_page_and_disconnect_action_span_both_processes(serve, alice, bob, alice_token,
+                                                                           bob_token, superuser_session):
+    a, b = await two_servers(serve)
+    (alice_a, _), (alice_b, _), (bob_b, _) = [await hello(s, t) for s, t in
+                                             ((a, alice_token), (b, alice_token), (b, bob_token))]
+
+    # "Who is online", asked of either process, lists the connections of both: two servers.
+    everyone = [("host-a", "127.0.0.1"), ("host-b", "127.0.0.1"), ("host-b", "127.0.0.1")]
+    for server in (a, b):
+        assert await wait_for_rows(server, superuser_session, everyone) == everyone
+
+    # "Disconnect selected users" posted to process A closes Alice's sockets on both, with 4003.
+    csrf_cookie, form_token = await asyncio.to_thread(admin_csrf, a, superuser_session)
+    posted = await a.request_async(
+        "POST", "/admin/auth/user/",
+        form={"action": "disconnect", "_selected_action": [str(alice.pk)], "csrfmiddlewaretoken": form_token},
+        headers={"Cookie": f"sessionid={superuser_session['sessionid']}; csrftoken={csrf_cookie}"},
+    )
+    assert posted.status == 302, posted.text[:500]
+    for ws in (alice_a, alice_b):
+        assert await recv_json(ws) == {"type": "error", "code": "disconnected",
+                                       "message": "disconnected by an administrator"}
+        await expect_close(ws, 4003)
+    await send_json(bob_b, {"type": "ping", "id": "still-here"})
+    assert await recv_json(bob_b) == {"type": "pong", "id": "still-here"}
+
+    # Alice's connections leave the page; Bob's stays.
+    assert await wait_for_rows(a, superuser_session, [("host-b", "127.0.0.1")]) == [("host-b", "127.0.0.1")]
+    await bob_b.close()
