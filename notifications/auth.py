@@ -13,6 +13,7 @@ tickets are never stored (only SHA-256 hashes) and never logged.
 
 import hashlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,16 +22,17 @@ from urllib.parse import parse_qs, urlsplit
 from asgiref.sync import sync_to_async
 from channels.auth import get_user
 from channels.db import database_sync_to_async
-from channels.sessions import CookieMiddleware, SessionMiddleware
+from channels.sessions import CookieMiddleware, InstanceSessionWrapper, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.http.request import validate_host
 from django.utils import timezone
 
 from . import protocol, push, throttle
 from .models import ApiToken, WsTicket
 from .net import scope_client_ip
+from .throttled_log import ThrottledLog
 
 TOKEN_PREFIX = "ntf"  # noqa: S105 - the public part of every token, not a secret
 TICKET_PREFIX = "tkt"
@@ -56,6 +58,13 @@ COUNTED_FAILURES = {"invalid_token", "invalid_ticket", "token_expired", "token_r
 TOO_MANY_FAILURES = AuthFailure(
     "too_many_failures", "Too many failed attempts from your address; wait a minute.", protocol.CLOSE_RATE_LIMITED
 )
+
+
+# The database cannot be reached: the client should come back later (4013), not give up.
+STORE_UNAVAILABLE = AuthFailure(
+    "unavailable", "The server cannot check credentials right now; try again later.", protocol.CLOSE_TRY_AGAIN_LATER
+)
+unavailable = ThrottledLog(logging.getLogger(__name__))
 
 
 def failure_seen(address: str) -> None:
@@ -179,7 +188,11 @@ class WebSocketAuthMiddleware:
         try:
             if await sync_to_async(failures_blocked)(address):
                 raise TOO_MANY_FAILURES
-            scope["user"], scope["auth_method"] = await self.resolve(scope)
+            try:
+                scope["user"], scope["auth_method"] = await self.resolve(scope)
+            except (OperationalError, InterfaceError) as exc:
+                unavailable.failure("cannot check WebSocket credentials: database unavailable", exc)
+                raise STORE_UNAVAILABLE from None
             scope["auth_error"] = None
         except AuthFailure as failure:
             if failure.code in COUNTED_FAILURES:
@@ -215,5 +228,19 @@ class WebSocketAuthMiddleware:
         raise AuthFailure("unauthenticated", "Authentication required: a Bearer token, a ticket or a session.")
 
 
+class ReadOnlySessionMiddleware(SessionMiddleware):
+    """Channels' ``SessionMiddleware`` without its wrapper around ``send``.
+
+    The wrapper saves a changed session and sets its cookie on the response; a WebSocket
+    here only reads the session (to authenticate the handshake) and cannot set a cookie
+    after it is accepted, so there is nothing to save. It still ran on every frame sent:
+    about a quarter of the server's CPU per delivered notification (docs/performance.md)."""
+
+    async def __call__(self, scope, receive, send):
+        wrapper = InstanceSessionWrapper(scope, send)
+        await wrapper.resolve_session()
+        return await self.inner(wrapper.scope, receive, send)
+
+
 def WebSocketAuthMiddlewareStack(inner):  # noqa: N802 - named like Channels' AuthMiddlewareStack
-    return CookieMiddleware(SessionMiddleware(WebSocketAuthMiddleware(inner)))
+    return CookieMiddleware(ReadOnlySessionMiddleware(WebSocketAuthMiddleware(inner)))

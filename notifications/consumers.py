@@ -19,6 +19,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
+from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from . import metrics, observe, protocol, selectors, services
@@ -27,8 +28,10 @@ from .models import Notification, Topic
 from .net import scope_client_ip, scope_headers
 from .presence import Connection, get_presence
 from .protocol import ProtocolError
+from .throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
+store_failures = ThrottledLog(logger)
 
 SERVER_ID = settings.NOTIFICATIONS["SERVER_ID"] or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -80,13 +83,14 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_BAD_REQUEST)
             return
         except Exception as exc:
-            logger.error("cannot serve a connection: channel layer unavailable: %s: %s", type(exc).__name__, exc)
-            observe.refused(self, protocol.UNAVAILABLE, protocol.CLOSE_TRY_AGAIN_LATER)
-            await self.send_frame(protocol.error_frame(protocol.UNAVAILABLE, "Try again later."))
-            await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
+            await self._refuse_unavailable("channel layer", exc)
             return
         user = self.scope["user"]
-        slugs, epoch = await self._initial_state(user)
+        try:
+            slugs, epoch = await self._initial_state(user)
+        except (OperationalError, InterfaceError) as exc:
+            await self._refuse_unavailable("database", exc)
+            return
         self.user = user
         self.outbox = Outbox(self, user_id=user.pk, topics=slugs, max_frames=self.max_queued_frames)
         self.registered_cursor = self.hub.register(self.outbox)
@@ -114,6 +118,13 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self._resume(since, epoch=query.get("epoch", [None])[0], request_id=None)
         else:
             self.outbox.release(self.registered_cursor)
+
+    async def _refuse_unavailable(self, dependency: str, exc: Exception):
+        """A dependency is down: tell the client to come back later (4013); one log line per outage."""
+        store_failures.failure(f"cannot serve connections: {dependency} unavailable", exc)
+        observe.refused(self, protocol.UNAVAILABLE, protocol.CLOSE_TRY_AGAIN_LATER)
+        await self.send_frame(protocol.error_frame(protocol.UNAVAILABLE, "Try again later."))
+        await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
 
     async def disconnect(self, code):
         observe.disconnected(self, code)

@@ -3,24 +3,47 @@
 Used for failed credentials (API tokens, WebSocket handshakes, the login form) per client
 address, and for WebSocket tickets per user. A fixed window: at most ``limit`` events per
 ``window`` seconds per key.
+
+The throttle fails open: if the cache cannot be reached (Redis restarting), requests are
+not throttled for that moment, instead of every request failing. One log line says so.
 """
 
+import logging
+
 from django.core.cache import cache
+
+from .throttled_log import ThrottledLog
+
+failures = ThrottledLog(logging.getLogger(__name__))
+UNAVAILABLE = "throttle cache unavailable; not throttling"
+
+
+def _count(name: str, window: int) -> int:
+    if cache.add(name, 1, timeout=window):
+        return 1
+    try:
+        return cache.incr(name)
+    except ValueError:  # expired between add() and incr()
+        cache.add(name, 1, timeout=window)
+        return 1
 
 
 def hit(scope: str, key: str, *, limit: int, window: int = 60) -> bool:
     """Count one event; False when the key is over its limit for this window."""
-    name = f"throttle:{scope}:{key}"
-    if cache.add(name, 1, timeout=window):
-        return True
     try:
-        count = cache.incr(name)
-    except ValueError:  # expired between add() and incr()
-        cache.add(name, 1, timeout=window)
+        count = _count(f"throttle:{scope}:{key}", window)
+    except Exception as exc:  # fail open, see the module docstring
+        failures.failure(UNAVAILABLE, exc)
         return True
+    failures.recovered(UNAVAILABLE)
     return count <= limit
 
 
 def blocked(scope: str, key: str, *, limit: int) -> bool:
     """Whether the key is already over its limit (without counting)."""
-    return (cache.get(f"throttle:{scope}:{key}") or 0) > limit
+    try:
+        count = cache.get(f"throttle:{scope}:{key}") or 0
+    except Exception as exc:
+        failures.failure(UNAVAILABLE, exc)
+        return False
+    return count > limit

@@ -1,0 +1,339 @@
+"""A resuming WebSocket client for the fault tests and ``bench/faults.py``.
+
+It does what docs/protocol.md asks of a client: authenticate with a Bearer token, keep the
+id of the last ``notification`` frame (``hello.cursor`` before the first one) and the
+``epoch``, and when the connection ends reconnect with ``?since=<cursor>&epoch=<epoch>``,
+waiting between attempts with exponential backoff and full jitter. Given several server
+URLs it moves to the next one after every disconnect or failed attempt (fail-over).
+
+It records everything a test needs to judge delivery: every notification id in the order
+received (across connections), the close codes it saw, how long each resume took (from
+noticing the close to the ``resumed`` frame) and any ``resumed`` frame with
+``recovered: false``. ``compare`` turns those records into lost / duplicated counts.
+
+No Django imports: the bench script uses it as is.
+"""
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlencode
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+SUBPROTOCOL = "notifications.v1"
+WS_PATH = "/ws/notifications/"
+# Close codes after which retrying with the same credentials is pointless (docs/protocol.md).
+FATAL_CLOSE_CODES = {4001, 4003, 4009, 4400}
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n))."""
+
+    base: float = 0.1
+    cap: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.base * 2 ** min(attempt, 30)))
+
+
+class ResumingClient:
+    """One WebSocket connection of one user that survives disconnects by resuming.
+
+    ``servers`` are base URLs (``ws://127.0.0.1:8001``). ``start()`` runs it in a task;
+    ``await stop()`` ends it. ``ready`` is set whenever a connection is live (after
+    ``hello``, and after ``resumed`` when resuming).
+    """
+
+    def __init__(self, token: str, servers: list[str], *, name: str = "", backoff: Backoff | None = None,
+                 path: str = WS_PATH, open_timeout: float = 30.0):
+        self.token = token
+        self.servers = list(servers)
+        self.name = name
+        self.backoff = backoff or Backoff()
+        self.path = path
+        self.open_timeout = open_timeout
+        self.server_index = 0
+        # Delivery records
+        self.received: list[int] = []
+        self.received_set: set[int] = set()
+        self.cursor: int | None = None
+        self.epoch: str | None = None
+        self.out_of_order = 0  # notifications with an id not above the previous one
+        # Connection records
+        self.hellos = 0
+        self.failed_attempts = 0  # handshakes that failed (refused, timed out, HTTP error)
+        self.close_codes: list[int | None] = []  # None: the TCP connection ended without a close frame
+        self.resume_times: list[float] = []
+        self.unrecovered: list[dict] = []
+        self.errors: list[dict] = []
+        self.fatal: str | None = None
+        self.ready = asyncio.Event()
+        self.ws: ClientConnection | None = None
+        self._closed_at: float | None = None
+        self._pongs: dict[str, asyncio.Future] = {}
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+
+    # Running
+
+    def start(self) -> "ResumingClient":
+        self._task = asyncio.get_running_loop().create_task(self.run(), name=f"client {self.name}")
+        return self
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(), timeout)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._task, timeout)
+
+    def url(self) -> str:
+        base = self.servers[self.server_index % len(self.servers)]
+        query = {}
+        if self.cursor is not None:
+            query["since"] = str(self.cursor)
+            if self.epoch:
+                query["epoch"] = self.epoch
+        return f"{base}{self.path}" + (f"?{urlencode(query)}" if query else "")
+
+    async def run(self) -> None:
+        attempt = 0
+        while not self._stopping:
+            resuming = self.cursor is not None
+            try:
+                ws = await connect(
+                    self.url(),
+                    additional_headers={"Authorization": f"Bearer {self.token}"},
+                    subprotocols=[SUBPROTOCOL],
+                    open_timeout=self.open_timeout,
+                    close_timeout=2,
+                    max_queue=None,  # read everything: these clients are never slow consumers
+                )
+            except (OSError, InvalidHandshake, TimeoutError):
+                self.failed_attempts += 1
+                self.server_index += 1
+                await asyncio.sleep(self.backoff.delay(attempt))
+                attempt += 1
+                continue
+            self.ws = ws
+            try:
+                async for text in ws:
+                    if self._handle(json.loads(text), resuming):
+                        attempt = 0
+            except ConnectionClosed:
+                pass
+            finally:
+                self.ws = None
+                self.ready.clear()
+            if self._stopping:
+                return
+            rcvd = ws.protocol.close_rcvd
+            code = rcvd.code if rcvd is not None else None
+            self.close_codes.append(code)
+            if code in FATAL_CLOSE_CODES:
+                self.fatal = f"closed with {code}"
+                return
+            if self._closed_at is None:
+                self._closed_at = time.monotonic()
+            self.server_index += 1
+            await asyncio.sleep(self.backoff.delay(attempt))
+            attempt += 1
+
+    def _handle(self, frame: dict, resuming: bool) -> bool:
+        """Apply one frame; True when the connection became live (a successful (re)connect)."""
+        kind = frame.get("type")
+        if kind == "notification":
+            notification_id = frame["id"]
+            if self.received and notification_id <= self.received[-1]:
+                self.out_of_order += 1
+            self.received.append(notification_id)
+            self.received_set.add(notification_id)
+            self.cursor = notification_id if self.cursor is None else max(self.cursor, notification_id)
+        elif kind == "hello":
+            self.hellos += 1
+            if self.epoch is None:
+                self.epoch = frame["epoch"]
+            if self.cursor is None:
+                self.cursor = frame["cursor"]
+            if not resuming:
+                self.ready.set()
+                return True
+        elif kind == "resumed":
+            if self._closed_at is not None:
+                self.resume_times.append(time.monotonic() - self._closed_at)
+                self._closed_at = None
+            if not frame.get("recovered"):
+                self.unrecovered.append(frame)
+                # A real client reloads its inbox here; continue from the server's cursor.
+                self.cursor = frame["cursor"]
+            self.ready.set()
+            return True
+        elif kind == "pong":
+            future = self._pongs.pop(str(frame.get("id")), None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+        elif kind == "error":
+            self.errors.append(frame)
+        return False
+
+    # Requests
+
+    async def ping(self, timeout: float = 5.0) -> bool:
+        """An application-level ping on the live connection; True if the pong came back in time."""
+        ws = self.ws
+        if ws is None:
+            return False
+        request_id = f"p{random.getrandbits(48)}"
+        future = asyncio.get_running_loop().create_future()
+        self._pongs[request_id] = future
+        try:
+            await ws.send(json.dumps({"type": "ping", "id": request_id}))
+            await asyncio.wait_for(future, timeout)
+            return True
+        except (ConnectionClosed, TimeoutError):
+            return False
+        finally:
+            self._pongs.pop(request_id, None)
+
+    async def drop(self) -> None:
+        """Close the live connection from this side (as a phone going to sleep); the client
+        reconnects and resumes by itself."""
+        ws = self.ws
+        if ws is not None:
+            self._closed_at = time.monotonic()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 5)
+
+    def has_all(self, expected: set[int]) -> bool:
+        return len(self.received_set) >= len(expected) and expected.issubset(self.received_set)
+
+
+async def start_clients(tokens: Iterable[str], servers: list[str], *, backoff: Backoff | None = None,
+                        connect_timeout: float = 60.0, concurrency: int = 100) -> list[ResumingClient]:
+    """Start one client per token (at most ``concurrency`` handshakes at once) and wait until
+    every one is live; fails after ``connect_timeout`` seconds."""
+    clients = [ResumingClient(token, servers, name=str(i), backoff=backoff) for i, token in enumerate(tokens)]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def start_one(client: ResumingClient) -> None:
+        async with gate:
+            client.start()
+            await client.ready.wait()
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(start_one(c) for c in clients)), connect_timeout)
+    except TimeoutError:
+        live = sum(c.ready.is_set() for c in clients)
+        await stop_clients(clients)
+        raise AssertionError(f"only {live} of {len(clients)} clients connected within {connect_timeout:g} s") from None
+    return clients
+
+
+async def stop_clients(clients: list[ResumingClient]) -> None:
+    await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+
+
+async def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """The ``p``-th percentile (nearest rank), or None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
+    return ordered[rank]
+
+
+@dataclass
+class Report:
+    """Delivery figures for a set of clients, against what was sent to each one's audience."""
+
+    clients: int
+    sent: int
+    expected: int  # deliveries: the sum over clients of the notifications its audience got
+    received: int  # deliveries received, duplicates included
+    lost: int
+    duplicated: int
+    unexpected: int  # notifications a client received that were not for it (or not sent)
+    out_of_order: int
+    unrecovered: int  # resumed frames with recovered: false
+    reconnects: int
+    failed_attempts: int
+    close_codes: dict = field(default_factory=dict)
+    resume_p50: float | None = None
+    resume_p99: float | None = None
+    resume_max: float | None = None
+    resumes: int = 0
+    examples: list = field(default_factory=list)  # a few clients' problems, for the failure message
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicated or self.unexpected or self.out_of_order or self.unrecovered)
+
+    def figures(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "examples"}
+
+    def summary(self) -> str:
+        def ms(seconds: float | None) -> str:
+            return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+        return (f"clients={self.clients} sent={self.sent} expected={self.expected} received={self.received} "
+                f"lost={self.lost} duplicated={self.duplicated} unexpected={self.unexpected} "
+                f"out_of_order={self.out_of_order} unrecovered={self.unrecovered} reconnects={self.reconnects} "
+                f"failed_attempts={self.failed_attempts} close_codes={self.close_codes} resumes={self.resumes} "
+                f"resume_p50={ms(self.resume_p50)} resume_p99={ms(self.resume_p99)} "
+                f"resume_max={ms(self.resume_max)}")
+
+
+def compare(clients: list[ResumingClient], expected_for, sent: int) -> Report:
+    """Compare what each client received with ``expected_for(client)`` (a set of ids)."""
+    totals = Counter()
+    codes = Counter()
+    resume_times: list[float] = []
+    examples = []
+    for client in clients:
+        expected = expected_for(client)
+        got = set(client.received)
+        lost = expected - got
+        unexpected = got - expected
+        duplicated = len(client.received) - len(got)
+        totals.update(expected=len(expected), received=len(client.received), lost=len(lost),
+                      unexpected=len(unexpected), duplicated=duplicated, out_of_order=client.out_of_order,
+                      unrecovered=len(client.unrecovered), reconnects=max(0, client.hellos - 1),
+                      failed_attempts=client.failed_attempts)
+        codes.update("none" if c is None else str(c) for c in client.close_codes)
+        resume_times += client.resume_times
+        if (lost or unexpected or duplicated or client.out_of_order or client.unrecovered) and len(examples) < 5:
+            examples.append({"client": client.name, "lost": sorted(lost)[:10], "unexpected": sorted(unexpected)[:10],
+                             "duplicated": duplicated, "out_of_order": client.out_of_order,
+                             "unrecovered": client.unrecovered[:2], "closes": client.close_codes[:5],
+                             "errors": client.errors[:3], "fatal": client.fatal})
+    return Report(
+        clients=len(clients), sent=sent, expected=totals["expected"], received=totals["received"],
+        lost=totals["lost"], duplicated=totals["duplicated"], unexpected=totals["unexpected"],
+        out_of_order=totals["out_of_order"], unrecovered=totals["unrecovered"], reconnects=totals["reconnects"],
+        failed_attempts=totals["failed_attempts"], close_codes=dict(sorted(codes.items())),
+        resume_p50=percentile(resume_times, 50), resume_p99=percentile(resume_times, 99),
+        resume_max=max(resume_times) if resume_times else None, resumes=len(resume_times), examples=examples,
+    )
