@@ -99,7 +99,12 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         for oldest in self.hub.oldest_over_limit(user.pk, self.max_connections):
             oldest.consumer.close_replaced()
         # Counted up to the cursor: every later notification arrives live and adds one.
-        unread = await self._unread_count(self.registered_cursor)
+        if since is None:
+            unread, replay = await self._unread_count(self.registered_cursor), None
+        else:  # one trip to the database for the count and the replay
+            self.resumed = True
+            replay = await self._replay(since, query.get("epoch", [None])[0], hello_through=self.registered_cursor)
+            unread = replay.pop("hello_unread_count")
         await self.send_frame(
             {
                 "type": "hello",
@@ -114,10 +119,11 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             }
         )
         await get_presence().add(self._presence_record(slugs))
-        if since is not None:
-            await self._resume(since, epoch=query.get("epoch", [None])[0], request_id=None)
-        else:
+        if replay is None:
             self.outbox.release(self.registered_cursor)
+        else:
+            self._finish_resume(replay, live_after=self.registered_cursor, live_through=self.registered_cursor,
+                                request_id=None)
 
     async def _refuse_unavailable(self, dependency: str, exc: Exception):
         """A dependency is down: tell the client to come back later (4013); one log line per outage."""
@@ -251,13 +257,19 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     # Resume
 
     async def _resume(self, since: int, *, epoch: str | None, request_id):
+        """A ``resume`` frame: replay what this connection has not seen after ``since``."""
         if self.resumed:
             raise ProtocolError(protocol.INVALID, "This connection has already resumed.", request_id)
         self.resumed = True
-        outbox = self.outbox
-        outbox.replaying = True
-        live_after, live_through = self.registered_cursor, outbox.last_id
+        self.outbox.replaying = True
+        live_after, live_through = self.registered_cursor, self.outbox.last_id
         outcome = await self._replay(since, epoch)
+        self._finish_resume(outcome, live_after=live_after, live_through=live_through, request_id=request_id)
+
+    def _finish_resume(self, outcome: dict, *, live_after: int, live_through: int, request_id) -> None:
+        """Queue the replayed notifications (minus those delivered live in ``live_after..live_through``),
+        release the live ones held meanwhile, then ``resumed`` and the unread count."""
+        outbox = self.outbox
         metrics.resumed(outcome)
         replayed_through = live_through
         if outcome["recovered"]:
@@ -276,8 +288,11 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         outbox.put(protocol.encode({"type": "unread_count", "count": unread}))
 
     @database_sync_to_async
-    def _replay(self, since: int, epoch: str | None) -> dict:
-        return self._replay_outcome(since, epoch) | {"unread_count": selectors.unread_count_for(self.user)}
+    def _replay(self, since: int, epoch: str | None, *, hello_through: int | None = None) -> dict:
+        outcome = self._replay_outcome(since, epoch) | {"unread_count": selectors.unread_count_for(self.user)}
+        if hello_through is not None:
+            outcome["hello_unread_count"] = selectors.unread_count_for(self.user, through=hello_through)
+        return outcome
 
     def _replay_outcome(self, since: int, epoch: str | None) -> dict:
         options = settings.NOTIFICATIONS
