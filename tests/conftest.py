@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission
 
@@ -187,3 +188,14 @@ def private_cache(settings):
     """Each test counts throttled attempts from zero, in a cache of its own."""
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
                                    "LOCATION": uuid.uuid4().hex}}
+
+
+@pytest.fixture(autouse=True)
+async def close_thread_connections():
+    """Close the database connection of the thread that runs ORM code for async code in this
+    process (consumers, the in-process hub): with CONN_MAX_AGE it would stay open, and
+    PostgreSQL refuses to drop a test database that still has a session."""
+    yield
+    from django.db import connections
+
+    await sync_to_async(connections.close_all)()

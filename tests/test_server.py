@@ -67,6 +67,10 @@ def daphne_server(django_db_setup, redis_url, tmp_path_factory):
         "WS_ALLOWED_ORIGINS": EXTRA_ORIGIN,
         # Every test connects from 127.0.0.1: the failed-credential throttle is tested elsewhere.
         "AUTH_FAILURES_PER_MINUTE": "100000",
+        # Between two tests the database is flushed and the stream row put back (the `stream`
+        # fixture); a hub check landing in between would see a replaced store and close every
+        # socket (4012, tested in tests/test_resume.py). This server's hub does not check.
+        "HUB_SYNC_INTERVAL": "3600",
     }
     server = start_daphne(env, tmp_path_factory.mktemp("daphne") / "daphne.log")
     try:
@@ -698,3 +702,21 @@ async def test_idle_server_keeps_connections_and_logs_no_errors(live, tab, send,
     [sent] = await send(title="After a quiet spell", users=["alice"])
     assert await recv_json(ws) == notification_frame(sent)
     assert REDIS_READ_TIMEOUT not in live.log_since(start)
+
+
+async def test_strings_a_server_cannot_send_or_store_are_invalid(tab, alice_token):
+    """Found by tests/fuzz: an id holding a lone surrogate (sent as the JSON escape \\ud800) was
+    echoed in the reply, which cannot be encoded as UTF-8; a topic holding NUL reached PostgreSQL."""
+    ws, _ = await tab(alice_token)
+    await ws.send('{"type": "ping", "id": "\\ud800"}')
+    assert await recv_json(ws) == {
+        "type": "error", "code": "invalid", "fields": {"id": "invalid"},
+        "message": "'id' must be a string of at most 64 characters or an integer.",
+    }
+    await ws.send('{"type": "subscribe", "topic": "a\\u0000b", "id": 2}')
+    assert await recv_json(ws) == {
+        "type": "error", "code": "invalid", "id": 2, "fields": {"topic": "required slug"},
+        "message": "'topic' must be a topic slug.",
+    }
+    await send_json(ws, {"type": "ping", "id": "still-here"})
+    assert await recv_json(ws) == {"type": "pong", "id": "still-here"}
