@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
-from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission
 
@@ -191,11 +190,12 @@ def private_cache(settings):
 
 
 @pytest.fixture(autouse=True)
-async def close_thread_connections():
+def close_thread_connections():
     """Close the database connection of the thread that runs ORM code for async code in this
-    process (consumers, the in-process hub): with CONN_MAX_AGE it would stay open, and
-    PostgreSQL refuses to drop a test database that still has a session."""
+    process (``sync_to_async``'s one thread: consumers, the in-process hub): with CONN_MAX_AGE it
+    would stay open, and PostgreSQL refuses to drop a test database that still has a session."""
     yield
+    from asgiref.sync import SyncToAsync
     from django.db import connections
 
-    await sync_to_async(connections.close_all)()
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)

@@ -88,14 +88,30 @@ def _port_answers(port: int) -> bool:
         return False
 
 
-def daphne_executable() -> str:
-    beside_python = Path(sys.executable).with_name("daphne")
+def executable(name: str) -> str:
+    """A console script of this environment (beside its python), or else on PATH."""
+    beside_python = Path(sys.executable).with_name(name)
     if beside_python.exists():
         return str(beside_python)
-    found = shutil.which("daphne")
+    found = shutil.which(name)
     if not found:
-        raise RuntimeError("daphne is not installed in this environment")
+        raise RuntimeError(f"{name} is not installed in this environment")
     return found
+
+
+def daphne_executable() -> str:
+    return executable("daphne")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """SIGTERM, a bounded wait, then SIGKILL."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
 
 
 @dataclass
@@ -131,48 +147,47 @@ class LiveServer:
             return f.read().decode(errors="replace")
 
     def stop(self) -> None:
-        """SIGTERM, a bounded wait, then SIGKILL."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
+
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(HOST, self.port, timeout=timeout)
 
 
-def start_daphne(env: dict[str, str], log_path: Path, *, attempts: int = 3) -> LiveServer:
-    """Start daphne on a free port and wait (bounded) until the port answers.
-
-    A port picked by ``free_port`` can be taken before daphne binds it: then daphne
-    exits and another port is tried.
-    """
+def start_server(name: str, command, env: dict[str, str], log_path: Path, *, port: int | None = None,
+                 attempts: int = 3) -> LiveServer:
+    """Start ``command(port)`` (an ASGI server serving this project) and wait (bounded) until
+    the port answers. ``port`` restarts a server on a known port (one attempt); otherwise a
+    free port is picked, and another one tried if it was taken before the server bound it."""
     full_env = {k: v for k, v in os.environ.items() if k not in APP_ENV}
     full_env.update({"DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1"}, **env)
     failures = []
-    for _ in range(attempts):
-        port = free_port()
+    for _ in range(1 if port is not None else attempts):
+        chosen = port if port is not None else free_port()
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
-                [daphne_executable(), "-b", HOST, "-p", str(port), "project.asgi:application"],
-                cwd=BASE_DIR,
-                env=full_env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
+                command(chosen), cwd=BASE_DIR, env=full_env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        server = LiveServer(port=port, process=process, log_path=log_path, env=full_env)
+        server = LiveServer(port=chosen, process=process, log_path=log_path, env=full_env)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
-            if _port_answers(port):
+            if _port_answers(chosen):
                 return server
             time.sleep(0.1)
         server.stop()
-        failures.append(f"port {port}: exit code {process.returncode}")
-        if process.returncode is None or "Address already in use" not in server.log():
+        failures.append(f"port {chosen}: exit code {process.returncode}")
+        if process.returncode is None or "address already in use" not in server.log().lower():
             break
     log_text = log_path.read_text(errors="replace")
-    raise RuntimeError(f"daphne did not start within {START_TIMEOUT:.0f} s ({'; '.join(failures)}):\n{log_text}")
+    raise RuntimeError(f"{name} did not start within {START_TIMEOUT:.0f} s ({'; '.join(failures)}):\n{log_text}")
+
+
+def start_daphne(env: dict[str, str], log_path: Path, *, attempts: int = 3) -> LiveServer:
+    """Start daphne on a free port (as ``daphne -b -p`` in production)."""
+    return start_server(
+        "daphne", lambda port: [daphne_executable(), "-b", HOST, "-p", str(port), "project.asgi:application"],
+        env, log_path, attempts=attempts,
+    )
 
 
 # HTTP
@@ -214,9 +229,9 @@ def http_request(
         body = json.dumps(json_body).encode()
         headers["Content-Type"] = "application/json"
     elif form is not None:
-        body = urlencode(form).encode()
+        body = urlencode(form, doseq=True).encode()
         headers["Content-Type"] = "application/x-www-form-urlencoded"
-    conn = http.client.HTTPConnection(HOST, server.port, timeout=timeout)
+    conn = server.connection(timeout)
     try:
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
@@ -318,45 +333,16 @@ async def expect_close(ws: ClientConnection, code: int | None, timeout: float = 
 
 
 def uvicorn_executable() -> str:
-    beside_python = Path(sys.executable).with_name("uvicorn")
-    if beside_python.exists():
-        return str(beside_python)
-    found = shutil.which("uvicorn")
-    if not found:
-        raise RuntimeError("uvicorn is not installed in this environment")
-    return found
+    return executable("uvicorn")
 
 
 def start_uvicorn(env: dict[str, str], log_path: Path, *, port: int | None = None, attempts: int = 3,
                   extra_args: tuple[str, ...] = ()) -> LiveServer:
-    """Start uvicorn (``--ws websockets-sansio --lifespan on``, as in production) and wait
-    (bounded) until the port answers; uvicorn binds only after importing the app and running
-    the lifespan startup. ``port`` restarts a server on a known port (one attempt);
-    otherwise a free port is picked, and another one tried if it was taken meanwhile."""
-    full_env = {k: v for k, v in os.environ.items() if k not in APP_ENV}
-    full_env.update({"DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1"}, **env)
-    failures = []
-    for _ in range(1 if port is not None else attempts):
-        chosen = port if port is not None else free_port()
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(
-                [uvicorn_executable(), "project.asgi:application", "--host", HOST, "--port", str(chosen),
-                 "--ws", "websockets-sansio", "--lifespan", "on", "--no-access-log", *extra_args],
-                cwd=BASE_DIR,
-                env=full_env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        server = LiveServer(port=chosen, process=process, log_path=log_path, env=full_env)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            if _port_answers(chosen):
-                return server
-            time.sleep(0.1)
-        server.stop()
-        failures.append(f"port {chosen}: exit code {process.returncode}")
-        if process.returncode is None or "address already in use" not in server.log().lower():
-            break
-    log_text = log_path.read_text(errors="replace")
-    raise RuntimeError(f"uvicorn did not start within {START_TIMEOUT:.0f} s ({'; '.join(failures)}):\n{log_text}")
+    """Start uvicorn (``--ws websockets-sansio --lifespan on``, as in production); uvicorn binds
+    only after importing the app and running the lifespan startup."""
+    return start_server(
+        "uvicorn",
+        lambda chosen: [uvicorn_executable(), "project.asgi:application", "--host", HOST, "--port", str(chosen),
+                        "--ws", "websockets-sansio", "--lifespan", "on", "--no-access-log", *extra_args],
+        env, log_path, port=port, attempts=attempts,
+    )

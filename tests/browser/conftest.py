@@ -15,8 +15,8 @@ test calls the ORM, so ``DJANGO_ALLOW_ASYNC_UNSAFE`` is set while the browser is
 package only). Code that pushes (``async_to_sync``) runs in a thread: ``run_in_thread``.
 """
 
+import http.client
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -29,7 +29,16 @@ import pytest
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
 from tests.conftest import missing_service, token_for
-from tests.server import APP_ENV, BASE_DIR, HOST, daphne_executable, database_url, free_port, http_request
+from tests.server import (
+    APP_ENV,
+    BASE_DIR,
+    HOST,
+    daphne_executable,
+    database_url,
+    free_port,
+    http_request,
+    stop_process,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 # The flags this machine's Chromium needs (no sandbox as root, no background traffic to a
@@ -82,6 +91,9 @@ class BrowserServer:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(HOST, self.port, timeout=timeout)
+
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -102,15 +114,8 @@ class BrowserServer:
         raise RuntimeError(f"daphne did not start on port {self.port}:\n{self.log()}")
 
     def stop(self) -> None:
-        """SIGTERM, a bounded wait, then SIGKILL."""
-        if not self.running():
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        if self.running():
+            stop_process(self.process)
 
     def log(self, offset: int = 0) -> str:
         with open(self.log_path, "rb") as f:

@@ -3,7 +3,6 @@ socket, with HTTP and WebSocket clients for each. No fixtures here (see ``confte
 
 import asyncio
 import http.client
-import json
 import os
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 
-from tests.server import APP_ENV, BASE_DIR, RECV_TIMEOUT, WS_PATH, LiveServer, Response
+from tests.server import APP_ENV, BASE_DIR, RECV_TIMEOUT, WS_PATH, LiveServer, Response, http_request
 
 SERVE = BASE_DIR / "bin" / "serve"
 START_TIMEOUT = 30.0
@@ -76,28 +75,13 @@ class Served(LiveServer):
     def ws_url(self, path: str = WS_PATH, **query: str) -> str:
         return f"ws://{self.netloc}{path}" + (f"?{urlencode(query)}" if query else "")
 
-    def request(self, method: str, path: str, *, token: str | None = None, json_body=None, form: dict | None = None,
-                headers: dict | None = None, timeout: float = RECV_TIMEOUT) -> Response:
-        headers = dict(headers or {})
-        body = None
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        if json_body is not None:
-            body = json.dumps(json_body).encode()
-            headers["Content-Type"] = "application/json"
-        elif form is not None:
-            body = urlencode(form, doseq=True).encode()
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
+    def connection(self, timeout: float) -> http.client.HTTPConnection:
         if self.uds:
-            conn = _UnixHTTPConnection(self.uds, timeout)
-        else:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            return Response(response.status, response.headers, response.read().decode(errors="replace"))
-        finally:
-            conn.close()
+            return _UnixHTTPConnection(self.uds, timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, **kwargs) -> Response:
+        return http_request(self, method, path, **kwargs)
 
     async def request_async(self, method: str, path: str, **kwargs) -> Response:
         return await asyncio.to_thread(self.request, method, path, **kwargs)
