@@ -183,24 +183,22 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self._violation(protocol.TOO_MANY_TOPICS, f"At most {self.max_topics} topics per connection.",
                                   request.id)
             return
-        self.own_topic_requests.add(request.topic)  # its echo from the hub needs no frame here
-        try:
-            await self._follow(request.topic, request.id)
-        finally:
-            self.own_topic_requests.discard(request.topic)
-        self.hub.follow(self.outbox, request.topic)
-        await self._update_presence()
-        await self.send_frame(self._reply("subscribed", request, topic=request.topic))
+        await self._change_topic(request, self._follow, self.hub.follow, "subscribed")
 
     async def handle_unsubscribe(self, request):
+        await self._change_topic(request, self._unfollow, self.hub.unfollow, "unsubscribed")
+
+    async def _change_topic(self, request, persist, route, reply: str):
+        """Persist a (un)follow, route the topic on this connection, reply. The user's other
+        connections learn it from the hub; this one needs no second frame for its own request."""
         self.own_topic_requests.add(request.topic)
         try:
-            await self._unfollow(request.topic, request.id)
+            await persist(request.topic, request.id)
         finally:
             self.own_topic_requests.discard(request.topic)
-        self.hub.unfollow(self.outbox, request.topic)
+        route(self.outbox, request.topic)
         await self._update_presence()
-        await self.send_frame(self._reply("unsubscribed", request, topic=request.topic))
+        await self.send_frame(self._reply(reply, request, topic=request.topic))
 
     async def handle_mark_read(self, request):
         count = await self._mark_read(request.ids, request.id)
