@@ -526,6 +526,53 @@ async def server_killed(world: World, *, sig: signal.Signals, clients: int = 200
     return Outcome(f"server_killed_{tag}", report, time.monotonic() - started, complete, facts)
 
 
+# Scenario 3b: rolling restart
+
+
+async def rolling_restart(world: World, *, clients: int = 100, rate: float = 20.0, phase: float = 2.0,
+                          deliver_timeout: float = 90.0, connect_timeout: float = 60.0) -> Outcome:
+    """Two uvicorn processes, A and B, each with half the clients; notifications keep coming at
+    ``rate``. A is restarted (SIGTERM, then a new process on the same port) while B takes its
+    clients and the sends; then B is restarted while the new A does. Nothing may be lost."""
+    started = time.monotonic()
+    server_a, server_b = await asyncio.gather(world.start("uvicorn", "roll-A"), world.start("uvicorn", "roll-B"))
+    assignments = world.assign(clients)
+    ledger = Ledger()
+    half = clients // 2
+    tokens = [m.token for m in assignments]
+    on_a = await start_clients(tokens[:half], [ws_base(server_a), ws_base(server_b)], connect_timeout=connect_timeout)
+    on_b = await start_clients(tokens[half:], [ws_base(server_b), ws_base(server_a)], connect_timeout=connect_timeout)
+    for offset, client in enumerate(on_b):
+        client.name = str(half + offset)
+    connected = on_a + on_b
+    facts: dict = {}
+    count = round(rate * phase)
+    try:
+        await send_notifications(world, server_b, ledger, count=count, rate=rate)
+        # Restart A while B serves.
+        sender = asyncio.create_task(send_notifications(world, server_b, ledger, count=count, rate=rate))
+        await asyncio.to_thread(server_a.stop)
+        server_a2 = await world.start("uvicorn", "roll-A2", port=server_a.port)
+        await sender
+        facts["all_live_after_A"] = await wait_until(lambda: all(c.ready.is_set() for c in connected), connect_timeout)
+        # Restart B while the new A serves.
+        sender = asyncio.create_task(send_notifications(world, server_a2, ledger, count=count, rate=rate))
+        await asyncio.to_thread(server_b.stop)
+        server_b2 = await world.start("uvicorn", "roll-B2", port=server_b.port)
+        await sender
+        facts["all_live_after_B"] = await wait_until(lambda: all(c.ready.is_set() for c in connected), connect_timeout)
+        await send_notifications(world, server_b2, ledger, count=count, rate=rate)
+        complete = await _deliver(connected, ledger, assignments, deliver_timeout)
+    finally:
+        await stop_clients(connected)
+    report = compare(connected, _expected(ledger, assignments), ledger.sent)
+    facts["refused_sends"] = ledger.refused
+    for name in ("roll-A", "roll-B", "roll-A2", "roll-B2"):
+        trouble = log_trouble((world.log_dir / f"{name}.log").read_text(errors="replace"))
+        facts[f"{name}_tracebacks"] = trouble["tracebacks"]
+    return Outcome("rolling_restart", report, time.monotonic() - started, complete, facts)
+
+
 # Scenario 4: reconnect storm
 
 

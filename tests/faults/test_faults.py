@@ -136,6 +136,19 @@ async def test_sigkill_clients_fail_over_and_presence_expires(world):
     assert (facts["sigkill-B_tracebacks"], facts["sigkill-B_error_lines"]) == (0, []), text
 
 
+@pytest.mark.timeout(180)
+async def test_rolling_restart_loses_nothing(world):
+    outcome = await scenarios.rolling_restart(world, clients=100, rate=20, phase=2)
+    text = show(outcome)
+    facts = outcome.facts
+    assert (facts["all_live_after_A"], facts["all_live_after_B"]) == (True, True), text
+    assert facts["refused_sends"] == [], text
+    assert_delivered(outcome, text)
+    # Every client was on a restarted process at least once: A's half, then (on B) everybody.
+    assert outcome.report.resumes >= 100, text
+    assert all(facts[f"{name}_tracebacks"] == 0 for name in ("roll-A", "roll-B", "roll-A2", "roll-B2")), text
+
+
 @pytest.mark.timeout(300)
 async def test_reconnect_storm(world):
     outcome = await scenarios.reconnect_storm(world, clients=STORM_CLIENTS, before=8, during=8, after=8)
