@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint migrate clean chromium serve
+.PHONY: run test lint migrate clean chromium serve bench
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
@@ -18,6 +18,16 @@ $(VENV)/.runtime-installed: requirements.txt | $(BIN)/python
 $(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.runtime-installed
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
+
+$(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.runtime-installed
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements-bench.txt
+	touch $@
+
+# The short benchmark (under 2 minutes; docs/performance.md): PostgreSQL and Redis on loopback
+# (BENCH_DATABASE_URL, REDIS_URL); writes bench/results/bench-<date>.json and .png.
+# The full run: .venv/bin/python bench/run.py --full
+bench: $(VENV)/.bench-installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 migrate: $(VENV)/.runtime-installed
 	$(BIN)/python manage.py migrate --noinput

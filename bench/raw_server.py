@@ -8,7 +8,6 @@ them with ``websockets.broadcast()`` (one encoded frame, no per-socket task, no
 backpressure). Same Redis, same frames, same client as the product.
 """
 
-import asyncio
 import sys
 
 import redis.asyncio as redis

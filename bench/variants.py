@@ -10,11 +10,18 @@ production; the variants that the numbers justified were made in the application
   (the wrapper checks whether the session changed on every frame).
 - ``basesend``: the outbox writes with the consumer's ASGI ``base_send`` directly instead of
   ``consumer.send(text_data=...)`` (two coroutine layers fewer per frame).
+- (``eager``, writing a frame at once when the socket's writer is idle, is now the product's own
+  ``Outbox.put``.)
 - ``direct``: no writer task per socket: the hub awaits every socket's ``send`` in turn (one
   task per notification). Only to measure what the per-socket task costs: one socket whose
   transport is full stalls every other socket behind it.
+- ``tracemalloc``: SIGUSR1 marks, SIGUSR2 writes the Python allocations since the mark by line
+  (what an idle connection holds).
 - ``threadpool``: ``database_sync_to_async`` runs in a pool of threads instead of the one
   shared thread (``thread_sensitive=False``), for the connect path.
+- ``before``: the product as it was before issue 9's changes (Channels' session wrapper on
+  every ``send``; the outbox wakes its writer task for every frame; the throttle's cache is
+  Django's per-context one), to measure them.
 """
 
 import asyncio
@@ -42,9 +49,25 @@ if "threadpool" in VARIANTS:
 
     db.DatabaseSyncToAsync.__init__ = _unsensitive
 
-from project.asgi import application  # noqa: E402
+if "before" in VARIANTS:
+    import django
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
+    django.setup()
+    from channels.sessions import SessionMiddleware
+
+    from notifications import auth
+
+    auth.ReadOnlySessionMiddleware.__call__ = SessionMiddleware.__call__
+
+    from django.core.cache import cache
+
+    from notifications import throttle
+
+    throttle._cache = lambda: cache  # Django's per-context cache: a Redis connection per socket
 
 from notifications import hub  # noqa: E402
+from project.asgi import application  # noqa: E402
 
 if "basesend" in VARIANTS:
 
@@ -87,71 +110,24 @@ if "direct" in VARIANTS:
 __all__ = ["application"]
 
 
-class _Resumed:
-    """Awaitable that finishes a coroutine started by hand (``coro.send(None)``) that suspended on
-    ``pending``: the awaiting task waits for each future the coroutine yields, exactly as if it had
-    awaited the coroutine from the start."""
+if "tracemalloc" in VARIANTS:
+    # SIGUSR1: remember the allocations now; SIGUSR2: write what was allocated since, by line,
+    # to $BENCH_TRACEMALLOC_OUT (memory per idle connection, docs/performance.md).
+    import signal
+    import tracemalloc
 
-    __slots__ = ("coro", "pending")
+    tracemalloc.start(1)
+    _snapshots = {}
 
-    def __init__(self, coro, pending):
-        self.coro, self.pending = coro, pending
+    def _mark(*_):
+        _snapshots["base"] = tracemalloc.take_snapshot()
 
-    def __await__(self):
-        pending = self.pending
-        while True:
-            try:
-                yield pending
-            except BaseException as exc:  # cancelled while waiting: let the coroutine clean up
-                try:
-                    pending = self.coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-                continue
-            try:
-                pending = self.coro.send(None)
-            except StopIteration as stop:
-                return stop.value
+    def _report(*_):
+        stats = tracemalloc.take_snapshot().compare_to(_snapshots["base"], "lineno")
+        with open(os.environ.get("BENCH_TRACEMALLOC_OUT", "bench/results/tmp/tracemalloc.txt"), "w") as out:
+            out.write(f"total {sum(s.size_diff for s in stats)} bytes\n")
+            for stat in stats[:60]:
+                out.write(f"{stat}\n")
 
-
-if "eager" in VARIANTS:
-
-    def put(self, item) -> None:
-        if self.closed:
-            return
-        wakeup = self._wakeup
-        if type(item) is str and not self.queue and wakeup is not None and not wakeup.done():
-            # The writer is parked with nothing queued: write now, in the caller's step.
-            coro = self.consumer.base_send({"type": "websocket.send", "text": item})
-            try:
-                pending = coro.send(None)
-            except StopIteration:
-                return
-            except Exception:
-                self.closed = True  # the connection is gone; its disconnect unregisters it
-                return
-            item = _Resumed(coro, pending)  # not writable now: the writer finishes this send first
-        self.queue.append(item)
-        if len(self.queue) > self.max_frames:
-            self.overflow()
-            return
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
-
-    async def _write_eager(self) -> None:
-        loop = asyncio.get_running_loop()
-        send = self.consumer.base_send
-        while True:
-            while self.queue:
-                item = self.queue.popleft()
-                if type(item) is str:
-                    await send({"type": "websocket.send", "text": item})
-                elif type(item) is _Resumed:
-                    await item
-                else:
-                    await item()
-            self._wakeup = loop.create_future()
-            await self._wakeup
-
-    hub.Outbox.put = put
-    hub.Outbox._write = _write_eager
+    signal.signal(signal.SIGUSR1, _mark)
+    signal.signal(signal.SIGUSR2, _report)

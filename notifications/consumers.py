@@ -105,6 +105,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             self.resumed = True
             replay = await self._replay(since, query.get("epoch", [None])[0], hello_through=self.registered_cursor)
             unread = replay.pop("hello_unread_count")
+        await get_presence().add(self._presence_record(slugs))  # listed before the client hears hello
         await self.send_frame(
             {
                 "type": "hello",
@@ -118,7 +119,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
                 "max_frame_bytes": self.max_frame_bytes,
             }
         )
-        await get_presence().add(self._presence_record(slugs))
         if replay is None:
             self.outbox.release(self.registered_cursor)
         else:

@@ -48,7 +48,26 @@ def _validate_data(data: Any) -> dict:
         raise ValidationError({"data": f"data must encode to at most {DATA_MAX_BYTES} bytes of JSON."})
     if _depth(data) > DATA_MAX_DEPTH:
         raise ValidationError({"data": f"data must nest at most {DATA_MAX_DEPTH} levels deep."})
+    if not all(protocol.is_storable_text(text) for text in _strings(data)):
+        raise ValidationError({"data": UNSTORABLE})
     return data
+
+
+# NUL cannot be stored by PostgreSQL, and a lone surrogate cannot be encoded as UTF-8.
+UNSTORABLE = "Text may not contain NUL characters or unpaired surrogates."
+
+
+def _strings(value: Any):
+    """Every string in a JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _validate_link(link: str | None) -> str:
@@ -123,6 +142,9 @@ def notification_send(
         errors["body"] = f"body must be a string of at most {BODY_MAX} characters."
     if level not in Level.values:
         errors["level"] = f"level must be one of {', '.join(Level.values)}."
+    for name, text in (("title", title), ("body", body), ("link", link)):
+        if isinstance(text, str) and not protocol.is_storable_text(text) and name not in errors:
+            errors[name] = UNSTORABLE
     if errors:
         raise ValidationError(errors)
     fields = {

@@ -10,15 +10,38 @@ not throttled for that moment, instead of every request failing. One log line sa
 
 import logging
 
-from django.core.cache import cache
+from django.core.cache import caches
+from django.core.signals import setting_changed
 
 from .throttled_log import ThrottledLog
 
 failures = ThrottledLog(logging.getLogger(__name__))
 UNAVAILABLE = "throttle cache unavailable; not throttling"
+_process_cache = None
+
+
+def _cache():
+    """One cache client for the whole process. Django's ``cache`` is one per async context:
+    every WebSocket handshake opened its own Redis connection and kept it as long as the
+    socket stayed open (1,000 sockets, 1,000 Redis connections), and every API request opened
+    one (docs/performance.md). The Redis client's connection pool is thread-safe."""
+    global _process_cache
+    if _process_cache is None:
+        _process_cache = caches.create_connection("default")
+    return _process_cache
+
+
+def _settings_changed(setting, **kwargs):
+    global _process_cache
+    if setting == "CACHES":
+        _process_cache = None
+
+
+setting_changed.connect(_settings_changed)
 
 
 def _count(name: str, window: int) -> int:
+    cache = _cache()
     if cache.add(name, 1, timeout=window):
         return 1
     try:
@@ -42,7 +65,7 @@ def hit(scope: str, key: str, *, limit: int, window: int = 60) -> bool:
 def blocked(scope: str, key: str, *, limit: int) -> bool:
     """Whether the key is already over its limit (without counting)."""
     try:
-        count = cache.get(f"throttle:{scope}:{key}") or 0
+        count = _cache().get(f"throttle:{scope}:{key}") or 0
     except Exception as exc:
         failures.failure(UNAVAILABLE, exc)
         return False

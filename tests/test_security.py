@@ -182,3 +182,23 @@ async def test_tokens_tickets_and_cookies_never_appear_in_logs(layer, ws, alice,
     text = caplog.text
     for secret in (raw_token, raw_token.split("_", 2)[2], ticket, cookie):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    "fields,field",
+    [({"title": "a\x00b"}, "title"), ({"body": "\ud800"}, "body"), ({"data": {"k": "\x00"}}, "data"),
+     ({"data": {"\ud800": 1}}, "data"), ({"data": {"list": [["\udfff"]]}}, "data")],
+)
+def test_unstorable_text_is_a_validation_error_for_every_caller(alice, fields, field):
+    """Django code and the admin call the service directly: NUL (PostgreSQL cannot store it)
+    and lone surrogates (not UTF-8) are refused there, not only by the API's parser."""
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError) as error:
+        services.notification_send(users=[alice], **{"title": "ok", **fields})
+    assert error.value.message_dict == {field: ["Text may not contain NUL characters or unpaired surrogates."]}
+
+
+def test_emoji_and_other_non_bmp_text_is_fine(alice):
+    (sent,) = services.notification_send(users=[alice], title="🎉 shipped", data={"k": "𝄞"})
+    assert (sent.title, sent.data) == ("🎉 shipped", {"k": "𝄞"})

@@ -4,6 +4,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+from django.db import connection
 from hypothesis import settings
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "fuzz-latest.json"
@@ -15,6 +16,7 @@ def record(section: str, figures: dict) -> None:
         **figures,
         "hypothesis_profile": settings.get_current_profile_name(),
         "max_examples": settings().max_examples,
+        "database": connection.vendor,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     print(f"\n{section} fuzzing: {json.dumps(figures, indent=1, sort_keys=True)}")

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
-from hypothesis import given
+from hypothesis import given, note
 from hypothesis import strategies as st
 
-from notifications import protocol, services
+from notifications import auth, protocol, services
 from notifications.auth import token_create
 from notifications.models import Topic
 
@@ -131,6 +131,12 @@ class Frame:
         room = max_frame_bytes + self.offset - len(head) - len(tail)
         width = len(self.filler.encode())
         return head + self.filler * (room // width) + "a" * (room % width) + tail
+
+    def __repr__(self) -> str:
+        if self.payload is None:
+            return f"Frame(near_limit, {self.offset:+d} bytes of {self.filler!r})"
+        shown = self.payload if len(self.payload) <= 120 else self.payload[:120]
+        return f"Frame({self.kind}, {shown!r}{f' ... {len(self.payload)} in all' if shown is not self.payload else ''})"
 
 
 def _encode(value, ascii_only: bool) -> str:
@@ -321,7 +327,17 @@ async def fuzz(ws, settings, caplog, make_user):
 
 @given(frames=st.lists(frames, min_size=1, max_size=6))
 async def test_every_client_frame_gets_a_documented_answer_and_the_connection_survives(fuzz, frames):
+    note(f"frames: {frames!r}")
     await fuzz.example(frames)
+
+
+def test_every_error_and_close_code_of_the_server_is_in_docs_protocol_md():
+    constants = {name: value for name, value in vars(protocol).items() if name.isupper()}
+    assert {v for n, v in constants.items() if n.startswith("CLOSE_")} <= DOCUMENTED_CLOSES
+    errors = {v for v in constants.values() if isinstance(v, str) and re.fullmatch(r"[a-z_]+", v)}
+    handshake = {*auth.COUNTED_FAILURES, auth.TOO_MANY_FAILURES.code, "user_inactive", "origin_not_allowed",
+                 "token_in_query", "unauthenticated"}
+    assert errors | handshake <= DOCUMENTED_ERRORS, (errors | handshake) - DOCUMENTED_ERRORS
 
 
 # What the fuzzer found, kept as plain tests
