@@ -441,8 +441,12 @@ async def redis_restarted(world: World, *, clients: int = 50, before: int = 10, 
             facts["dropped_resumed_while_down"] = await wait_until(
                 lambda: all(c.ready.is_set() and c.hellos > 1 for c in dropped), max(1.0, outage))
             sent_while_down = ledger.sent
+            ready = await asyncio.to_thread(http_request, server, "GET", "/readyz")
+            facts["readyz_while_down"] = {"status": ready.status, "body": ready.text[:300]}
             await asyncio.sleep(max(0.0, outage - (time.monotonic() - down_at)))
             await asyncio.to_thread(redis_server.start)
+            facts["readyz_recovered"] = await wait_until(
+                lambda: http_request(server, "GET", "/readyz").status == 200, 10, interval=0.2)
             await send_notifications(world, server, ledger, count=after, rate=rate)
             complete = await _deliver(connected, ledger, assignments, deliver_timeout)
             log = server.log()  # before the clients leave: their goodbyes are not part of the fault

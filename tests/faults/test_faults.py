@@ -92,11 +92,17 @@ async def test_redis_restarted_mid_stream(world, redis_server_binary):
     assert facts["refused_sends"] == [], text  # stored (201) while Redis was down, too
     assert facts["sent_before_restart"] == 20, text
     assert facts["dropped_resumed_while_down"], text  # reconnecting and resuming need no Redis
+    # Readiness names the failed dependency while Redis is down, and recovers with it.
+    assert facts["readyz_while_down"]["status"] == 503, text
+    assert '"channel_layer": "error' in facts["readyz_while_down"]["body"], text
+    assert facts["readyz_recovered"], text
     # No traceback storm: a line per failure kind. The push fails during the outage, and may
     # fail once more right after the restart (a pooled connection from before the restart).
     assert facts["tracebacks"] == 0, text
     assert 1 <= facts["push_failed_lines"] <= 2, text
-    assert len(facts["error_lines"]) <= 4, text
+    # One line per kind: the hub's receive, the throttle's cache, the push (twice, see above),
+    # and Django's line for the 503 that /readyz answered while Redis was down.
+    assert len(facts["error_lines"]) <= 5, text
 
 
 @pytest.mark.timeout(180)
@@ -191,3 +197,46 @@ async def test_database_briefly_unavailable(world):
     known_bug("HTTP 500" in facts["new_connection_while_cut"], HandshakeNeedsDatabaseBug, text)
     assert facts["new_connection_while_cut"] == "frames ['unavailable'], close 4013", text
     assert facts["tracebacks"] == 0, text
+
+
+@pytest.mark.timeout(60)
+async def test_a_half_open_connection_is_detected_and_cleaned_up(world):
+    """A client that vanished without a close (its TCP peer never answers again): the server's
+    pings go unanswered, the connection is closed after the ping timeout, and it leaves the hub
+    and "who is online". Here the interval and timeout are 1 s (production: 20 s and 20 s)."""
+    import asyncio
+    import base64
+    import os
+    import socket
+    import time
+
+    from tests.server import HOST, start_uvicorn
+
+    env = world.env(SERVER_ID="half-open")
+    server = await asyncio.to_thread(start_uvicorn, env, world.log_dir / "half-open.log",
+                                     extra_args=("--ws-ping-interval", "1", "--ws-ping-timeout", "1"))
+    world.servers.append(server)
+    token = world.members[0].token
+    sock = socket.create_connection((HOST, server.port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws/notifications/ HTTP/1.1\r\nHost: {HOST}:{server.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n".encode()
+    )
+    handshake = sock.recv(4096)
+    assert handshake.startswith(b"HTTP/1.1 101"), handshake
+    online = lambda: scenarios.presence_by_server(world.redis_url, world.prefix, 45).get("half-open", 0)  # noqa: E731
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and await asyncio.to_thread(online) == 0:
+        await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(online) == 1
+    # From now on this peer reads nothing and answers no ping (a phone that lost its network).
+    started = time.monotonic()
+    while time.monotonic() - started < 15 and await asyncio.to_thread(online) == 1:
+        await asyncio.sleep(0.2)
+    gone_after = time.monotonic() - started
+    sock.close()
+    assert await asyncio.to_thread(online) == 0, "the half-open connection is still listed after 15 s"
+    assert gone_after < 6, gone_after  # ping interval + timeout, plus slack
+    assert server.process.poll() is None
