@@ -150,7 +150,7 @@ class Server:
                 self.process.wait()
 
 
-# Targets: how each server is started. "product" is bin/serve (production), one process.
+# Targets: how each server is started. "product" runs bin/serve's uvicorn command (SERVE_FLAGS), one process.
 
 PRODUCT_VARIANTS = {
     # name: (extra uvicorn args, extra env, server kind)
@@ -189,6 +189,7 @@ class Bench:
         self.usernames: list[str] = []
         self.user_ids: list[int] = []
         self.sender_token = ""
+        self.started = time.time()
 
     # Environment
 
@@ -231,7 +232,7 @@ class Bench:
         script = (
             "import django, json, sys; django.setup()\n"
             "from django.contrib.auth import get_user_model\n"
-            "from notifications.models import Topic, Follow, ApiToken, Notification\n"
+            "from notifications.models import Topic, Follow, Notification\n"
             # Every run starts with an empty inbox for everyone: the connect path counts unread
             # notifications, so notifications left by earlier runs would slow it down run after run.
             "Notification.objects.all().delete()\n"
@@ -241,9 +242,6 @@ class Bench:
             "have = set(Follow.objects.filter(topic=topic, ended_at__isnull=True).values_list('user_id', flat=True))\n"
             "Follow.objects.bulk_create([Follow(user_id=ids[n], topic=topic) for i, n in enumerate(names)"
             " if i % 2 == 0 and ids[n] not in have])\n"
-            # Tokens of earlier runs: revoke none, but keep the table from growing without bound.
-            "ApiToken.objects.filter(name='bench', revoked_at__isnull=True).exclude(pk__in=ApiToken.objects"
-            ".filter(name='bench').order_by('-pk').values('pk')[:len(names) + 1]).delete()\n"
             "print(json.dumps([ids[n] for n in names]))\n"
         )
         result = subprocess.run([PY, "-c", script], cwd=BASE_DIR, env=env, check=True, capture_output=True,
@@ -389,6 +387,14 @@ class Bench:
         row = {"scenario": scenario, "target": target, "n": n, **data}
         self.rows.append(row)
         print(format_row(row), flush=True)
+        self.save()  # after every row: an interrupted run keeps what it measured
+
+    def clear_notifications(self) -> None:
+        """Empty every inbox: the handshake counts the user's unread notifications, so a connect
+        costs more the more notifications earlier scenarios left (docs/performance.md)."""
+        script = "import django; django.setup()\nfrom notifications.models import Notification\n" \
+                 "Notification.objects.all().delete()\n"
+        subprocess.run([PY, "-c", script], cwd=BASE_DIR, env=self.env(), check=True)
 
     # Scenarios
 
@@ -467,6 +473,7 @@ class Bench:
 
     def connects(self, targets, n, concurrency=200):
         """Connect rate (authenticated for the product: handshake + token + hello) and idle memory."""
+        self.clear_notifications()
         for target in targets:
             server = self.start(target)
             gens = self.loadgens(self.args.clients)
@@ -494,13 +501,13 @@ class Bench:
 
     # Output
 
-    def write(self, started: float):
+    def save(self) -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=BASE_DIR, capture_output=True,
                                 text=True).stdout.strip()
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BASE_DIR,
                                     capture_output=True, text=True).stdout.strip())
         data = {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": round(time.time() - started, 1),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "duration_s": round(time.time() - self.started, 1),
             "git_commit": commit, "git_dirty": dirty, "args": vars(self.args),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -510,7 +517,11 @@ class Bench:
         }
         path = RESULTS / f"bench-{self.stamp}.json"
         path.write_text(json.dumps(data, indent=1) + "\n")
-        log(f"written: {path.relative_to(BASE_DIR)}")
+        return data
+
+    def write(self):
+        data = self.save()
+        log(f"written: bench/results/bench-{self.stamp}.json")
         try:
             from plot import plot
 
@@ -644,25 +655,24 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every server and client
     if hard < 25000 and args.full:
         log(f"warning: RLIMIT_NOFILE hard limit {hard}: 10,000 sockets need about 10,100 per process")
-    started = time.time()
     log(f"load average at start: {loadavg()}")
     bench = Bench(args)
     targets = args.targets.split(",")
     only = set(filter(None, args.only.split(",")))
     if args.full:
         bench.setup(10_000)
+        product_targets = [t for t in targets if t.startswith("product")] or ["product"]
+        if not only or "connect" in only:  # first: every inbox is empty (see clear_notifications)
+            bench.connects(targets, 5000)
+            bench.connects([t for t in targets if t != "baseline"], 10_000)
         if not only or "broadcast" in only:
             bench.broadcast(targets, 1000, [10, 25, 50, 75, 100, 150, 200], 3.0)
             bench.broadcast(targets, 5000, [2, 5, 10, 15, 20, 30, 40], 3.0)
-        product_targets = [t for t in targets if t.startswith("product")] or ["product"]
         if not only or "personal" in only:
             for target in product_targets:
                 bench.personal(1000, [100, 500], 4.0, target)
         if not only or "topic" in only:
             bench.topic(1000, [10, 100], 3.0)
-        if not only or "connect" in only:
-            bench.connects(targets, 5000)
-            bench.connects([t for t in targets if t != "baseline"], 10_000)
     elif only:
         bench.setup(max(args.n + 20, 1000))
         rates = [float(x) if "." in x else int(x) for x in args.rates.split(",")] if args.rates else [10, 100, 200]
@@ -680,10 +690,10 @@ def main():
             bench.connects(targets, args.n)
     else:  # the short run of `make bench`
         bench.setup(1020)
-        bench.broadcast(targets, 1000, [10, 100, 200], 2.0)
-        bench.personal(1000, [100], 3.0)
         bench.connects(["product"], 1000)
-    bench.write(started)
+        bench.broadcast(targets, 1000, [10, 50, 100], 2.0)
+        bench.personal(1000, [100], 3.0)
+    bench.write()
 
 
 if __name__ == "__main__":

@@ -66,8 +66,8 @@ if "before" in VARIANTS:
 
     throttle._cache = lambda: cache  # Django's per-context cache: a Redis connection per socket
 
+from project.asgi import application  # noqa: E402, I001 (sets Django up: before any app module)
 from notifications import hub  # noqa: E402
-from project.asgi import application  # noqa: E402
 
 if "basesend" in VARIANTS:
 
