@@ -99,8 +99,8 @@ class Worker:
 
     def stop(self):
         try:
-            self.call({"cmd": "close"})
-        except Exception as exc:  # already gone: say so, then make sure it is
+            self.send({"cmd": "close"})  # it exits (a load generator first closes its sockets)
+        except OSError as exc:  # already gone
             log(f"{self.name}: {exc}")
         try:
             self.process.wait(5)
@@ -161,6 +161,7 @@ PRODUCT_VARIANTS = {
     "product-wsproto": (["--ws", "wsproto"], {}, "uvicorn"),
     "product-deflate": (["--ws-per-message-deflate", "true"], {}, "uvicorn"),
     "product-pubsub": ([], {"CHANNELS_LAYER": "pubsub"}, "uvicorn"),
+    "product-pool20": ([], {"DB_POOL_MAX_SIZE": "20"}, "uvicorn"),  # the pool setting (DB_POOL_MAX_SIZE)
     "product-nopersist": ([], {"CONN_MAX_AGE": "0"}, "uvicorn"),
     "product-2workers": (["--workers", "2"], {}, "uvicorn"),
     "product-threadpool": ([], {"BENCH_VARIANT": "threadpool"}, "uvicorn"),
@@ -596,6 +597,8 @@ def format_row(r: dict) -> str:
                 f"failed={r['failed']} p99={fmt(r['connect_p99_ms'], 1)}ms KiB/conn={fmt(r['kib_per_connection'], 1)}"
                 f" load={r['load'][0][0]:.2f}")
     extra = f" api p99={fmt(r['api_p99_ms'], 1)}ms" if r["scenario"] == "personal-api" else ""
+    if r.get("send_errors"):
+        extra += f" send_errors={sum(r['send_errors'].values())} ({next(iter(r['send_errors']))[:40]}...)"
     return (f"{r['scenario']:<13} {r['target']:<18} N={r['n']:<6} rate={r['rate']:<5} "
             f"offered/s={fmt(float(r['offered_per_s']))} delivered/s={fmt(r['delivered_per_s'])} "
             f"p50={fmt(r['p50_ms'], 1)}ms p99={fmt(r['p99_ms'], 1)}ms max={fmt(r['max_ms'], 1)}ms "

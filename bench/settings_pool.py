@@ -1,5 +1,5 @@
-"""The product's settings with Django 5.2's PostgreSQL connection pool (``psycopg_pool``), to measure
-that lever (``bench/run.py --targets product-pool``)."""
+"""The product's settings with Django 5.2's PostgreSQL connection pool (``psycopg_pool``), as measured
+before ``DB_POOL_MAX_SIZE`` existed (``--targets product-pool``; ``product-pool20`` uses the setting)."""
 
 from project.settings import *  # noqa: F403
 from project.settings import DATABASES
