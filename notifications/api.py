@@ -24,16 +24,7 @@ from ninja.utils import check_csrf
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from . import selectors, services, throttle
-from .auth import (
-    COUNTED_FAILURES,
-    TOO_MANY_FAILURES,
-    AuthFailure,
-    bearer_from_header,
-    failure_seen,
-    failures_blocked,
-    ticket_issue,
-    token_authenticate,
-)
+from .auth import TOO_MANY_FAILURES, AuthFailure, bearer_from_header, counted, ticket_issue, token_authenticate
 from .models import Notification, Topic
 from .net import request_client_ip
 from .protocol import is_storable_text, notification_payload
@@ -106,15 +97,11 @@ class ApiAuth(HttpBearer):
     def __call__(self, request: HttpRequest):
         header = request.headers.get("Authorization")
         if header:
-            address = request_client_ip(request) or "unknown"
-            if failures_blocked(address):
-                raise ApiError(429, TOO_MANY_FAILURES.code, TOO_MANY_FAILURES.message)
             try:
                 return token_authenticate(bearer_from_header(header))
             except AuthFailure as failure:
-                if failure.code in COUNTED_FAILURES:
-                    failure_seen(address)
-                raise ApiError(401, failure.code, failure.message) from None
+                answer = counted(failure, request_client_ip(request) or "unknown")
+                raise ApiError(429 if answer is TOO_MANY_FAILURES else 401, answer.code, answer.message) from None
         user = getattr(request, "user", None)
         if user is None or not user.is_authenticated:
             return None
@@ -233,6 +220,11 @@ def _not_found(request, exc):
 @api.exception_handler(Notification.DoesNotExist)
 def _notification_not_found(request, exc):
     return error_response(404, "not_found", str(exc) or "Not found.")
+
+
+@api.exception_handler(services.TooManyTopics)
+def _too_many_topics(request, exc):
+    return error_response(409, "too_many_topics", str(exc))
 
 
 @api.exception_handler(PermissionDenied)
@@ -453,7 +445,7 @@ def _topic(slug: str) -> Topic:
     return get_object_or_404(Topic, slug=slug)
 
 
-@api.post("/topics/{slug}/follow/", response={200: FollowOut, **ERRORS}, summary="Follow a topic")
+@api.post("/topics/{slug}/follow/", response={200: FollowOut, 409: ErrorOut, **ERRORS}, summary="Follow a topic")
 def follow(request, slug: str):
     services.topic_follow(user=request.auth, topic=_topic(slug))
     return {"topic": slug, "following": True}

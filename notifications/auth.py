@@ -53,7 +53,9 @@ def _hash(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-# Failures that spend an attacker's guesses: counted per client address.
+# Failures that spend an attacker's guesses: counted per client address. Only failures are
+# throttled: a valid token or ticket is always accepted, whatever its address did before (it
+# cannot be guessed, and many users may share one address behind a NAT or a proxy).
 COUNTED_FAILURES = {"invalid_token", "invalid_ticket", "token_expired", "token_revoked", "invalid_authorization"}
 TOO_MANY_FAILURES = AuthFailure(
     "too_many_failures", "Too many failed attempts from your address; wait a minute.", protocol.CLOSE_RATE_LIMITED
@@ -67,13 +69,17 @@ STORE_UNAVAILABLE = AuthFailure(
 unavailable = ThrottledLog(logging.getLogger(__name__))
 
 
-def failure_seen(address: str) -> None:
-    """Count a failed credential from ``address`` (tokens, tickets, passwords)."""
-    throttle.hit("auth", address, limit=settings.NOTIFICATIONS["AUTH_FAILURES_PER_MINUTE"])
+def failure_seen(address: str) -> bool:
+    """Count a failed token or ticket from ``address``; False once the address is over the limit
+    (the failure is then answered ``too_many_failures``: 429, or close 4029)."""
+    return throttle.hit("auth", address, limit=settings.NOTIFICATIONS["AUTH_FAILURES_PER_MINUTE"])
 
 
-def failures_blocked(address: str) -> bool:
-    return throttle.blocked("auth", address, limit=settings.NOTIFICATIONS["AUTH_FAILURES_PER_MINUTE"])
+def counted(failure: AuthFailure, address: str) -> AuthFailure:
+    """The failure to answer: ``TOO_MANY_FAILURES`` for a counted failure over the address's limit."""
+    if failure.code in COUNTED_FAILURES and not failure_seen(address):
+        return TOO_MANY_FAILURES
+    return failure
 
 
 def token_create(*, user, name: str = "", expires_at=None) -> tuple[ApiToken, str]:
@@ -146,18 +152,29 @@ def ticket_consume(raw: str):
     return ticket.user
 
 
-def origin_allowed(origin: str | None, host: str | None) -> bool:
+# ``push.connections_close(session=ALL_SESSIONS)``: every session-authenticated connection of the user.
+ALL_SESSIONS = "*"
+
+
+def session_digest(session_key: str) -> str:
+    """Names one session in a close message without the session key itself (a credential)."""
+    return hashlib.sha256(f"notifications.session:{session_key}".encode()).hexdigest()[:32]
+
+
+def origin_allowed(origin: str | None, host: str | None, scheme: str = "ws") -> bool:
     """Whether a browser Origin may use cookie authentication: an exact entry of
-    ``WS_ALLOWED_ORIGINS``, or the same origin as the site itself (the Origin's host and
-    port equal the handshake's Host header, and that host is in ``ALLOWED_HOSTS``).
-    Another port on the same host is another origin: it is refused."""
+    ``WS_ALLOWED_ORIGINS``, or the same origin as the site itself (the Origin's scheme matches
+    the handshake's, ``https`` for ``wss`` and ``http`` for ``ws``; its host and port equal the
+    handshake's Host header; and that host is in ``ALLOWED_HOSTS``). Another port or scheme on
+    the same host is another origin: it is refused."""
     if not origin:
         return False
     allowed_origins = settings.NOTIFICATIONS["WS_ALLOWED_ORIGINS"]
     if origin in allowed_origins or "*" in allowed_origins:
         return True
     parsed = urlsplit(origin)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname or not host:
+    expected_scheme = "https" if scheme in ("wss", "https") else "http"
+    if parsed.scheme != expected_scheme or not parsed.hostname or not host:
         return False
     if parsed.netloc.lower() != host.lower():
         return False
@@ -186,8 +203,6 @@ class WebSocketAuthMiddleware:
         scope = dict(scope, auth_token_id=None)
         address = scope_client_ip(scope) or "unknown"
         try:
-            if await sync_to_async(failures_blocked)(address):
-                raise TOO_MANY_FAILURES
             try:
                 scope["user"], scope["auth_method"] = await self.resolve(scope)
             except (OperationalError, InterfaceError) as exc:
@@ -195,9 +210,8 @@ class WebSocketAuthMiddleware:
                 raise STORE_UNAVAILABLE from None
             scope["auth_error"] = None
         except AuthFailure as failure:
-            if failure.code in COUNTED_FAILURES:
-                await sync_to_async(failure_seen)(address)
-            scope["user"], scope["auth_method"], scope["auth_error"] = AnonymousUser(), None, failure
+            answer = await sync_to_async(counted)(failure, address) if failure.code in COUNTED_FAILURES else failure
+            scope["user"], scope["auth_method"], scope["auth_error"] = AnonymousUser(), None, answer
         return await self.inner(scope, receive, send)
 
     async def resolve(self, scope):
@@ -216,7 +230,7 @@ class WebSocketAuthMiddleware:
             return await database_sync_to_async(ticket_consume)(query["ticket"][0]), "ticket"
         session = scope.get("session")
         if session is not None and session.session_key:
-            if not origin_allowed(headers.get("origin"), headers.get("host")):
+            if not origin_allowed(headers.get("origin"), headers.get("host"), scope.get("scheme") or "ws"):
                 raise AuthFailure(
                     "origin_not_allowed",
                     "Cookie authentication needs an allowed Origin.",
@@ -224,6 +238,7 @@ class WebSocketAuthMiddleware:
                 )
             user = await get_user(scope)
             if user.is_authenticated:
+                scope["auth_session"] = session_digest(session.session_key)
                 return user, "session"
         raise AuthFailure("unauthenticated", "Authentication required: a Bearer token, a ticket or a session.")
 

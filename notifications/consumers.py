@@ -23,6 +23,7 @@ from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from . import metrics, observe, protocol, selectors, services
+from .auth import ALL_SESSIONS
 from .hub import Hub, Outbox, get_hub
 from .models import Notification, Topic
 from .net import scope_client_ip, scope_headers
@@ -57,7 +58,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.registered_cursor = 0
         self.resumed = False
         self.own_topic_requests: set[str] = set()
-        self.max_topics = options["WS_MAX_TOPICS"]
         self.max_connections = options["WS_MAX_CONNECTIONS_PER_USER"]
         self.bucket = TokenBucket(rate=options["WS_RATE"], burst=options["WS_BURST"])
         self.violations = 0
@@ -87,12 +87,12 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             return
         user = self.scope["user"]
         try:
-            slugs, epoch = await self._initial_state(user)
+            topics, epoch = await self._initial_state(user)
         except (OperationalError, InterfaceError) as exc:
             await self._refuse_unavailable("database", exc)
             return
         self.user = user
-        self.outbox = Outbox(self, user_id=user.pk, topics=slugs, max_frames=self.max_queued_frames)
+        self.outbox = Outbox(self, user_id=user.pk, topics=topics, max_frames=self.max_queued_frames)
         self.registered_cursor = self.hub.register(self.outbox)
         self.outbox.replaying = True  # before any await: live frames wait for hello (and the replay)
         observe.connected(self)
@@ -105,6 +105,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             self.resumed = True
             replay = await self._replay(since, query.get("epoch", [None])[0], hello_through=self.registered_cursor)
             unread = replay.pop("hello_unread_count")
+        slugs = sorted(topics.values())
         await get_presence().add(self._presence_record(slugs))  # listed before the client hears hello
         await self.send_frame(
             {
@@ -179,11 +180,10 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         await self._resume(request.since, epoch=request.epoch, request_id=request.id)
 
     async def handle_subscribe(self, request):
-        if request.topic not in self.outbox.topics and len(self.outbox.topics) >= self.max_topics:
-            await self._violation(protocol.TOO_MANY_TOPICS, f"At most {self.max_topics} topics per connection.",
-                                  request.id)
-            return
-        await self._change_topic(request, self._follow, self.hub.follow, "subscribed")
+        try:
+            await self._change_topic(request, self._follow, self.hub.follow, "subscribed")
+        except services.TooManyTopics as exc:
+            await self._violation(protocol.TOO_MANY_TOPICS, str(exc), request.id)
 
     async def handle_unsubscribe(self, request):
         await self._change_topic(request, self._unfollow, self.hub.unfollow, "unsubscribed")
@@ -193,10 +193,10 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         connections learn it from the hub; this one needs no second frame for its own request."""
         self.own_topic_requests.add(request.topic)
         try:
-            await persist(request.topic, request.id)
+            topic = await persist(request.topic, request.id)
         finally:
             self.own_topic_requests.discard(request.topic)
-        route(self.outbox, request.topic)
+        route(self.outbox, topic.pk, topic.slug)
         await self._update_presence()
         await self.send_frame(self._reply(reply, request, topic=request.topic))
 
@@ -225,16 +225,36 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         if op == "frame":
             outbox.put(event["frame"])
         elif op in ("follow", "unfollow"):
-            slug = event["topic"]
-            changed = self.hub.follow(outbox, slug) if op == "follow" else self.hub.unfollow(outbox, slug)
-            if changed and slug not in self.own_topic_requests:
+            topic_id, slug = event["topic_id"], event["topic"]
+            route = self.hub.follow if op == "follow" else self.hub.unfollow
+            if route(outbox, topic_id, slug) and slug not in self.own_topic_requests:
                 kind = "subscribed" if op == "follow" else "unsubscribed"
                 outbox.put(protocol.encode({"type": kind, "topic": slug}))
                 outbox.put(self._update_presence)
         elif op == "close":
             if event.get("token_id") is not None and event["token_id"] != self.scope.get("auth_token_id"):
                 return
-            self.queue_close(event["code"], event["reason"], error=(protocol.DISCONNECTED, event["reason"]))
+            session = event.get("session")
+            mine = (ALL_SESSIONS, self.scope.get("auth_session"))
+            if session is not None and (self.scope.get("auth_method") != "session" or session not in mine):
+                return
+            error = event.get("error") or protocol.DISCONNECTED
+            self.queue_close(event["code"], event["reason"], error=(error, event["reason"]))
+
+    def stream_topic_event(self, outbox: Outbox, event: dict) -> None:
+        """A topic routed to this socket was renamed (the socket follows it under its new slug)
+        or deleted (the socket no longer follows it); the client hears it as an ``unsubscribed``
+        frame for the old slug, then, for a rename, a ``subscribed`` frame for the new one."""
+        topic_id, op = event["topic_id"], event["op"]
+        old_slug = outbox.topics.get(topic_id)
+        if old_slug is None:
+            return
+        self.hub.unfollow(outbox, topic_id)
+        outbox.put(protocol.encode({"type": "unsubscribed", "topic": old_slug}))
+        if op == "renamed":
+            self.hub.follow(outbox, topic_id, event["topic"])
+            outbox.put(protocol.encode({"type": "subscribed", "topic": event["topic"]}))
+        outbox.put(self._update_presence)
 
     def close_replaced(self) -> None:
         """This is the user's oldest connection and a new one went over the limit: close this one (4005)."""
@@ -334,11 +354,11 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         )
 
     async def _update_presence(self):
-        await get_presence().update_topics(self.connection_id, sorted(self.outbox.topics))
+        await get_presence().update_topics(self.connection_id, sorted(self.outbox.topics.values()))
 
     @database_sync_to_async
-    def _initial_state(self, user) -> tuple[list[str], str]:
-        return selectors.followed_topic_slugs(user), selectors.stream_epoch()
+    def _initial_state(self, user) -> tuple[dict[int, str], str]:
+        return selectors.followed_topics(user), selectors.stream_epoch()
 
     @database_sync_to_async
     def _unread_count(self, through: int) -> int:
@@ -351,15 +371,19 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         return topic
 
     @database_sync_to_async
-    def _follow(self, slug: str, request_id):
+    def _follow(self, slug: str, request_id) -> Topic:
+        topic = self._topic(slug, request_id)
         try:
-            services.topic_follow(user=self.user, topic=self._topic(slug, request_id))
+            services.topic_follow(user=self.user, topic=topic)
         except PermissionDenied as exc:
             raise ProtocolError(protocol.FORBIDDEN, str(exc), request_id) from None
+        return topic
 
     @database_sync_to_async
-    def _unfollow(self, slug: str, request_id):
-        services.topic_unfollow(user=self.user, topic=self._topic(slug, request_id))
+    def _unfollow(self, slug: str, request_id) -> Topic:
+        topic = self._topic(slug, request_id)
+        services.topic_unfollow(user=self.user, topic=topic)
+        return topic
 
     @database_sync_to_async
     def _mark_read(self, ids, request_id) -> int:

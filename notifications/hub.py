@@ -37,6 +37,8 @@ STREAM_GROUP = "stream"
 class Outbox:
     """One socket's bounded queue of outgoing frames, written by its own task in order.
 
+    ``topics`` maps the id of each topic routed to this socket to its slug (routing is by id: a
+    topic deleted and created again under the same slug is another topic).
     ``last_id`` is the newest notification id accepted for this socket: the socket's cursor.
     While ``replaying`` (a resume is reading the store), live notifications wait in
     ``held`` and are released, minus the ones the replay already sent, afterwards.
@@ -45,7 +47,7 @@ class Outbox:
     def __init__(self, consumer, *, user_id: int, topics, max_frames: int):
         self.consumer = consumer
         self.user_id = user_id
-        self.topics: set[str] = set(topics)
+        self.topics: dict[int, str] = dict(topics)
         self.max_frames = max_frames
         self.last_id = 0
         self.replaying = False
@@ -173,7 +175,7 @@ class Hub:
         self.epoch = ""
         self.pending: dict[int, dict] = {}
         self.by_user: dict[int, set[Outbox]] = {}
-        self.by_topic: dict[str, set[Outbox]] = {}
+        self.by_topic: dict[int, set[Outbox]] = {}
         self.everyone: set[Outbox] = set()
         self.started: asyncio.Future | None = None
         self.tasks: list[asyncio.Task] = []
@@ -212,8 +214,8 @@ class Hub:
         """Start delivering to ``outbox``; return the cursor it starts after."""
         self.everyone.add(outbox)
         self.by_user.setdefault(outbox.user_id, set()).add(outbox)
-        for slug in outbox.topics:
-            self.by_topic.setdefault(slug, set()).add(outbox)
+        for topic_id in outbox.topics:
+            self.by_topic.setdefault(topic_id, set()).add(outbox)
         cursor = self.next_id - 1
         if not outbox.replaying:
             outbox.last_id = cursor
@@ -223,23 +225,27 @@ class Hub:
         outbox.stop()
         self.everyone.discard(outbox)
         _discard(self.by_user, outbox.user_id, outbox)
-        for slug in outbox.topics:
-            _discard(self.by_topic, slug, outbox)
+        for topic_id in outbox.topics:
+            _discard(self.by_topic, topic_id, outbox)
 
-    def follow(self, outbox: Outbox, slug: str) -> bool:
+    def follow(self, outbox: Outbox, topic_id: int, slug: str) -> bool:
         """Route the topic to this socket; False if it already was."""
-        if slug in outbox.topics:
+        if topic_id in outbox.topics:
             return False
-        outbox.topics.add(slug)
-        self.by_topic.setdefault(slug, set()).add(outbox)
+        outbox.topics[topic_id] = slug
+        self.by_topic.setdefault(topic_id, set()).add(outbox)
         return True
 
-    def unfollow(self, outbox: Outbox, slug: str) -> bool:
-        if slug not in outbox.topics:
+    def unfollow(self, outbox: Outbox, topic_id: int, slug: str = "") -> bool:
+        if topic_id not in outbox.topics:
             return False
-        outbox.topics.discard(slug)
-        _discard(self.by_topic, slug, outbox)
+        del outbox.topics[topic_id]
+        _discard(self.by_topic, topic_id, outbox)
         return True
+
+    def topic_sockets(self, topic_id: int) -> list[Outbox]:
+        """The local sockets the topic is routed to."""
+        return list(self.by_topic.get(topic_id, ()))
 
     def connection_count(self) -> int:
         return len(self.everyone)
@@ -322,6 +328,8 @@ class Hub:
             self._sequence(message)
         elif kind == "stream.user":
             self._to_user(message)
+        elif kind == "stream.topic":
+            self._to_topic(message)
         else:
             logger.warning("hub ignored a message of type %r", kind)
 
@@ -377,7 +385,8 @@ class Hub:
         if audience == "user":
             targets = self.by_user.get(int(key), ())
         elif audience == "topic":
-            targets = self.by_topic.get(key, ())
+            # By the topic's id; a slug (a message from a process of an older version) routes nowhere.
+            targets = self.by_topic.get(int(key), ()) if key.isdigit() else ()
         else:
             targets = self.everyone
         notification_id, frame = message["id"], message["frame"]
@@ -400,6 +409,11 @@ class Hub:
         metrics.user_event(len(self.by_user.get(message["user"], ())))
         for outbox in list(self.by_user.get(message["user"], ())):
             outbox.consumer.stream_user_event(outbox, message)
+
+    def _to_topic(self, message: dict) -> None:
+        """A topic was renamed or deleted: every local socket it is routed to applies the change."""
+        for outbox in self.topic_sockets(message["topic_id"]):
+            outbox.consumer.stream_topic_event(outbox, message)
 
     async def stop(self) -> None:
         """Leave the stream and stop receiving (the process is shutting down)."""

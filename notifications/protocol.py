@@ -20,6 +20,9 @@ CLOSE_UNAUTHENTICATED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_REPLACED = 4005
 CLOSE_SLOW_CONSUMER = 4008
+# The session behind a cookie-authenticated connection changed (logout, password change):
+# reconnect, and the handshake decides whether the session is still valid.
+CLOSE_REAUTHENTICATE = 4010
 CLOSE_TOO_LARGE = 4009
 CLOSE_STREAM_RESET = 4012
 CLOSE_TRY_AGAIN_LATER = 4013
@@ -41,6 +44,7 @@ SERVER_ERROR = "server_error"
 UNAUTHENTICATED = "unauthenticated"
 FRAME_TOO_LARGE = "frame_too_large"
 DISCONNECTED = "disconnected"
+SESSION_CHANGED = "session_changed"
 UNAVAILABLE = "unavailable"
 RATE_LIMITED = "rate_limited"
 TOO_MANY_TOPICS = "too_many_topics"

@@ -32,16 +32,17 @@ def user_group(user_id: int) -> str:
     return f"user.{user_id}"
 
 
-def topic_group(slug: str) -> str:
-    return f"topic.{slug}"
+def topic_group(topic_id: int) -> str:
+    """By the topic's id, never its slug: a slug can be renamed, or deleted and taken by another topic."""
+    return f"topic.{topic_id}"
 
 
 def notification_group(notification) -> str:
-    """The audience of a notification, as the hub routes it: user.<id>, topic.<slug> or broadcast."""
+    """The audience of a notification, as the hub routes it: user.<id>, topic.<id> or broadcast."""
     if notification.recipient_id is not None:
         return user_group(notification.recipient_id)
     if notification.topic_id is not None:
-        return topic_group(notification.topic.slug)
+        return topic_group(notification.topic_id)
     return BROADCAST_GROUP
 
 
@@ -96,16 +97,26 @@ def inbox_changed(user_id: int, change: dict, count: int) -> None:
     _send([_user_event(user_id, "frame", frame=protocol.encode(frame)) for frame in frames])
 
 
-def topic_followed(user_id: int, slug: str) -> None:
+def topic_followed(user_id: int, topic_id: int, slug: str) -> None:
     """Every connection of the user starts receiving the topic."""
-    _send([_user_event(user_id, "follow", topic=slug)])
+    _send([_user_event(user_id, "follow", topic_id=topic_id, topic=slug)])
 
 
-def topic_unfollowed(user_id: int, slug: str) -> None:
-    _send([_user_event(user_id, "unfollow", topic=slug)])
+def topic_unfollowed(user_id: int, topic_id: int, slug: str) -> None:
+    _send([_user_event(user_id, "unfollow", topic_id=topic_id, topic=slug)])
 
 
-def connections_close(user_ids: Iterable[int], *, code: int, reason: str, token_id: int | None = None) -> None:
-    """Close every live connection of these users, on every server process (only those
-    opened with ``token_id`` when it is given)."""
-    _send(_user_event(u, "close", code=code, reason=reason, token_id=token_id) for u in user_ids)
+def topic_changed(topic_id: int, op: str, slug: str, old_slug: str = "") -> None:
+    """A topic was renamed (``op="renamed"``) or deleted (``"deleted"``): one message, applied by
+    each process to its local sockets the topic is routed to, however many follow it."""
+    _send([{"type": "stream.topic", "topic_id": topic_id, "op": op, "topic": slug, "old_topic": old_slug}])
+
+
+def connections_close(user_ids: Iterable[int], *, code: int, reason: str, token_id: int | None = None,
+                      session: str | None = None, error: str = protocol.DISCONNECTED) -> None:
+    """Close every live connection of these users, on every server process: only those opened
+    with ``token_id`` when it is given; only session-authenticated ones when ``session`` is given
+    (``auth.ALL_SESSIONS``, or the ``auth.session_digest`` of one session). The client hears an
+    ``error`` frame (code ``error``, message ``reason``), then the close."""
+    _send(_user_event(u, "close", code=code, reason=reason, token_id=token_id, session=session, error=error)
+          for u in user_ids)

@@ -107,8 +107,9 @@ def active_follows():
     return Follow.objects.filter(ended_at__isnull=True)
 
 
-def followed_topic_slugs(user) -> list[str]:
-    return list(active_follows().filter(user=user).order_by("topic__slug").values_list("topic__slug", flat=True))
+def followed_topics(user) -> dict[int, str]:
+    """The topics ``user`` follows now, as {topic id: slug}."""
+    return dict(active_follows().filter(user=user).values_list("topic_id", "topic__slug"))
 
 
 def topics_for(user) -> QuerySet:

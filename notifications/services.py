@@ -18,7 +18,19 @@ from django.db.models import F
 from django.utils import timezone
 
 from . import protocol, push, selectors
-from .models import Audience, IdempotencyKey, InboxState, Level, Notification, Receipt, Stream, Topic, ensure_stream
+from .auth import ALL_SESSIONS, session_digest
+from .models import (
+    Audience,
+    Follow,
+    IdempotencyKey,
+    InboxState,
+    Level,
+    Notification,
+    Receipt,
+    Stream,
+    Topic,
+    ensure_stream,
+)
 
 TITLE_MAX = 200
 BODY_MAX = 10_000
@@ -291,26 +303,67 @@ def notification_dismiss(*, user, notification_id: int) -> int:
         return _push_inbox_change_on_commit(user, {"type": "dismissed", "ids": ids})
 
 
+class TooManyTopics(Exception):
+    """The user already follows as many topics as ``WS_MAX_TOPICS`` allows."""
+
+
+# Follow periods kept per user and topic: the oldest ended ones beyond this are deleted (their
+# topic notifications leave the user's inbox), so following and unfollowing in a loop cannot
+# grow the table without bound.
+FOLLOW_PERIODS_MAX = 20
+
+
 def topic_follow(*, user, topic: Topic) -> bool:
     """Follow a topic (persisted); every open connection of the user joins its group.
 
-    Raises ``PermissionDenied`` for a private topic the user is not a member of.
-    Returns whether a new follow was created.
+    Raises ``PermissionDenied`` for a private topic the user is not a member of, and
+    ``TooManyTopics`` past ``WS_MAX_TOPICS`` followed topics (the one limit for every way of
+    following: WebSocket, REST, code). Returns whether a new follow was created.
+
+    Following again soon after unfollowing reopens the last period when no notification of the
+    topic was sent in between (nothing in the inbox changes); otherwise a new period starts,
+    and at most ``FOLLOW_PERIODS_MAX`` periods are kept per user and topic.
     """
     if not selectors.topic_readable_by(topic, user):
         raise PermissionDenied(f"Topic {topic.slug!r} is private; only its members may follow it.")
+    limit = settings.NOTIFICATIONS["WS_MAX_TOPICS"]
     with transaction.atomic():
-        _, created = selectors.active_follows().get_or_create(user=user, topic=topic)
-        transaction.on_commit(lambda: push.topic_followed(user.pk, topic.slug))
-    return created
+        # One user's follows are decided one at a time (two concurrent follows cannot both pass the limit).
+        get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True).get()
+        follows = selectors.active_follows().filter(user=user)
+        if follows.filter(topic=topic).exists():
+            return False
+        if follows.count() >= limit:
+            raise TooManyTopics(f"At most {limit} followed topics per user; unfollow one first.")
+        periods = Follow.objects.filter(user=user, topic=topic)
+        last = periods.order_by("-ended_at").first()
+        if last is not None and not Notification.objects.filter(topic=topic, created_at__gte=last.ended_at).exists():
+            periods.filter(pk=last.pk).update(ended_at=None)
+        else:
+            Follow.objects.create(user=user, topic=topic)
+            stale = periods.exclude(ended_at__isnull=True).order_by("-ended_at")[FOLLOW_PERIODS_MAX - 1:]
+            Follow.objects.filter(pk__in=list(stale.values_list("pk", flat=True))).delete()
+        transaction.on_commit(lambda: push.topic_followed(user.pk, topic.pk, topic.slug))
+    return True
 
 
 def topic_unfollow(*, user, topic: Topic) -> bool:
     """Stop following a topic; every open connection of the user leaves its group."""
     with transaction.atomic():
         ended = selectors.active_follows().filter(user=user, topic=topic).update(ended_at=timezone.now())
-        transaction.on_commit(lambda: push.topic_unfollowed(user.pk, topic.slug))
+        transaction.on_commit(lambda: push.topic_unfollowed(user.pk, topic.pk, topic.slug))
     return bool(ended)
+
+
+def topic_renamed(*, topic: Topic, old_slug: str) -> None:
+    """A topic's slug changed: open connections that follow it (routed by its id) keep it under
+    the new slug, once committed. A new topic that takes the old slug is another topic."""
+    transaction.on_commit(lambda: push.topic_changed(topic.pk, "renamed", topic.slug, old_slug))
+
+
+def topic_deleted(*, topic_id: int, slug: str) -> None:
+    """A topic was deleted: take it off every open connection, on every server process, once committed."""
+    transaction.on_commit(lambda: push.topic_changed(topic_id, "deleted", slug))
 
 
 def notification_resend(*, notification: Notification, actor=None) -> list[Notification]:
@@ -350,8 +403,21 @@ def topic_members_changed(*, topic: Topic) -> list[int]:
         removed = list(follows.values_list("user_id", flat=True))
         follows.update(ended_at=timezone.now())
         for user_id in removed:
-            transaction.on_commit(partial(push.topic_unfollowed, user_id, topic.slug))
+            transaction.on_commit(partial(push.topic_unfollowed, user_id, topic.pk, topic.slug))
     return removed
+
+
+def user_sessions_changed(*, user_id: int, reason: str, session_key: str | None = None) -> None:
+    """Close, once committed, the user's session-authenticated connections on every server process:
+    all of them (a password change ends the user's other sessions), or only those of
+    ``session_key`` (a logout). Each gets ``session_changed`` and close 4010; a client that
+    reconnects with a session that is still valid is served again, any other is refused (4001).
+    Token and ticket connections stay (tokens follow revocation)."""
+    session = session_digest(session_key) if session_key else ALL_SESSIONS
+    transaction.on_commit(lambda: push.connections_close(
+        [user_id], code=protocol.CLOSE_REAUTHENTICATE, reason=reason, session=session,
+        error=protocol.SESSION_CHANGED,
+    ))
 
 
 def user_deactivated(*, user) -> None:

@@ -1,14 +1,15 @@
 from django.contrib import admin
-from django.contrib.staticfiles.urls import staticfiles_urlpatterns
 from django.urls import include, path
 
 from notifications import health, metrics
 from notifications.api import api
-from notifications.login import ThrottledLoginView
+from notifications.login import ThrottledLoginView, throttle_login
 from notifications.views import index
 
 urlpatterns = [
     path("", index, name="index"),
+    # The admin's login, throttled like the site's own (notifications.login); before admin.site.urls.
+    path("admin/login/", throttle_login(admin.site.login)),
     path("admin/", admin.site.urls),
     path("accounts/login/", ThrottledLoginView.as_view(), name="login"),
     path("accounts/", include("django.contrib.auth.urls")),
@@ -17,6 +18,3 @@ urlpatterns = [
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics.metrics_view, name="metrics"),
 ]
-# With DEBUG=1, serve static files under plain `daphne` too (runserver does it on its own);
-# with DEBUG=0 this adds nothing: serve STATIC_ROOT from the proxy.
-urlpatterns += staticfiles_urlpatterns()

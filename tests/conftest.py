@@ -155,10 +155,11 @@ async def ws():
     opened: list[WebsocketCommunicator] = []
 
     async def open_ws(token=None, *, headers=(), path=WS_PATH, subprotocols=None, hello=True,
-                      client=("127.0.0.1", 50000)):
+                      client=("127.0.0.1", 50000), scheme="ws"):
         all_headers = list(headers) + (bearer(token) if token else [])
         comm = WebsocketCommunicator(application, path, headers=all_headers, subprotocols=subprotocols)
         comm.scope["client"] = client
+        comm.scope["scheme"] = scheme
         opened.append(comm)
         connected, _ = await comm.connect(timeout=5)
         assert connected

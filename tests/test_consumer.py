@@ -427,6 +427,21 @@ async def test_session_cookie_with_foreign_or_missing_origin_closes_4003(layer, 
     await expect_close(comm, 4003)
 
 
+@pytest.mark.parametrize(("scheme", "origin", "allowed"), [
+    ("ws", b"https://localhost:8000", False), ("wss", b"http://localhost:8000", False),
+    ("wss", b"https://localhost:8000", True), ("ws", b"http://localhost:8000", True),
+])
+async def test_session_cookie_origin_must_have_the_handshakes_scheme(layer, ws, alice, scheme, origin, allowed):
+    cookie = await _session_cookie(alice)
+    comm = await ws(headers=[(b"cookie", cookie), (b"origin", origin), (b"host", b"localhost:8000")],
+                    scheme=scheme, hello=False)
+    frame = await comm.receive_json_from(timeout=5)
+    assert (frame["type"] == "hello") is allowed, frame
+    if not allowed:
+        assert frame["code"] == "origin_not_allowed"
+        await expect_close(comm, 4003)
+
+
 async def test_configured_origin_allow_list_admits_other_origins(layer, ws, alice, settings):
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "WS_ALLOWED_ORIGINS": ["https://app.example.com"]}
     cookie = await _session_cookie(alice)

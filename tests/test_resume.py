@@ -243,7 +243,7 @@ async def test_too_many_frames_get_rate_limited_then_closed_with_4029(layer, ws,
     assert (await comm.receive_output(timeout=5))["code"] == 4029
 
 
-async def test_topics_per_connection_are_limited(layer, ws, alice_token, settings):
+async def test_topics_per_user_are_limited_over_the_socket(layer, ws, alice_token, settings):
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "WS_MAX_TOPICS": 2}
     for slug in ("a", "b", "c"):
         await sync_to_async(Topic.objects.create)(slug=slug, title=slug)
@@ -253,7 +253,8 @@ async def test_topics_per_connection_are_limited(layer, ws, alice_token, setting
         assert await comm.receive_json_from(timeout=5) == {"type": "subscribed", "topic": slug}
     await comm.send_json_to({"type": "subscribe", "topic": "c", "id": 3})
     assert await comm.receive_json_from(timeout=5) == {
-        "type": "error", "code": "too_many_topics", "message": "At most 2 topics per connection.", "id": 3,
+        "type": "error", "code": "too_many_topics", "id": 3,
+        "message": "At most 2 followed topics per user; unfollow one first.",
     }
 
 

@@ -6,9 +6,9 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.test import Client
 
-from notifications import services
+from notifications import selectors, services
 from notifications.auth import ticket_issue, token_create
-from notifications.models import Topic
+from notifications.models import Follow, Topic
 
 from .conftest import WS_PATH
 
@@ -49,14 +49,156 @@ async def test_removing_a_member_of_a_private_topic_takes_it_off_their_live_conn
     assert hello["topics"] == []
 
 
-async def test_making_a_topic_private_removes_non_member_followers(layer, ws, alice, alice_token):
+async def test_making_a_topic_private_anywhere_removes_non_member_followers(layer, ws, alice, alice_token):
     topic = await sync_to_async(Topic.objects.create)(slug="deploys", title="Deploys")
     await sync_to_async(services.topic_follow)(user=alice, topic=topic)
     comm, _ = await ws(alice_token)
     topic.private = True
-    await sync_to_async(topic.save)()
-    assert await sync_to_async(services.topic_members_changed)(topic=topic) == [alice.pk]
+    await sync_to_async(topic.save)()  # not through the admin: a shell, a data migration
     assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "deploys"}
+    assert await sync_to_async(services.topic_members_changed)(topic=topic) == []  # already done
+
+
+async def test_removing_a_member_anywhere_takes_the_topic_off_their_connections(layer, ws, alice, alice_token):
+    topic = await sync_to_async(Topic.objects.create)(slug="ops", title="Ops", private=True)
+    await sync_to_async(topic.members.add)(alice)
+    await sync_to_async(services.topic_follow)(user=alice, topic=topic)
+    comm, _ = await ws(alice_token)
+    await sync_to_async(topic.members.remove)(alice)
+    assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops"}
+
+
+# A session's sockets follow the session: logout and password change
+
+
+def _login(user) -> Client:
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def _cookie_headers(client: Client) -> list[tuple[bytes, bytes]]:
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    return [(b"cookie", cookie), (b"origin", b"http://localhost:8000"), (b"host", b"localhost:8000")]
+
+
+SESSION_CHANGED = "session_changed"
+
+
+async def test_logging_out_closes_that_sessions_sockets_only(layer, ws, alice, alice_token):
+    laptop, phone = await sync_to_async(_login)(alice), await sync_to_async(_login)(alice)
+    laptop_socket, _ = await ws(headers=_cookie_headers(laptop))
+    phone_socket, _ = await ws(headers=_cookie_headers(phone))
+    token_socket, _ = await ws(alice_token)
+    assert (await sync_to_async(laptop.post)("/accounts/logout/")).status_code == 302
+    assert await laptop_socket.receive_json_from(timeout=5) == {
+        "type": "error", "code": SESSION_CHANGED, "message": "logged out",
+    }
+    assert (await laptop_socket.receive_output(timeout=5)) == {"type": "websocket.close", "code": 4010,
+                                                              "reason": "logged out"}
+    assert await phone_socket.receive_nothing(timeout=0.3)
+    assert await token_socket.receive_nothing(timeout=0.1)
+
+
+async def test_a_password_change_closes_every_session_socket_and_old_sessions_cannot_reconnect(
+    layer, ws, alice, alice_token
+):
+    other = await sync_to_async(_login)(alice)
+    session_socket, _ = await ws(headers=_cookie_headers(other))
+    token_socket, _ = await ws(alice_token)
+
+    def change_password():
+        alice.set_password("a-new-password-2")
+        alice.save()
+
+    await sync_to_async(change_password)()
+    assert (await session_socket.receive_json_from(timeout=5))["code"] == SESSION_CHANGED
+    assert (await session_socket.receive_output(timeout=5))["code"] == 4010
+    assert await token_socket.receive_nothing(timeout=0.3)
+    again = await ws(headers=_cookie_headers(other), hello=False)  # that session ended with the old password
+    assert (await again.receive_json_from(timeout=5))["code"] == "unauthenticated"
+
+
+async def test_saving_a_user_without_a_new_password_leaves_their_sockets_open(layer, ws, alice):
+    session_socket, _ = await ws(headers=_cookie_headers(await sync_to_async(_login)(alice)))
+    alice.first_name = "Alice"
+    await sync_to_async(alice.save)()
+    assert await session_socket.receive_nothing(timeout=0.3)
+
+
+# Following: one limit on every path, bounded history
+
+
+def test_following_over_rest_has_the_same_limit_as_the_socket(client, alice, alice_token, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "WS_MAX_TOPICS": 2}
+    for slug in ("a", "b", "c"):
+        Topic.objects.create(slug=slug, title=slug)
+    auth = {"HTTP_AUTHORIZATION": f"Bearer {alice_token}", "content_type": "application/json"}
+    assert [client.post(f"/api/topics/{slug}/follow/", **auth).status_code for slug in "ab"] == [200, 200]
+    refused = client.post("/api/topics/c/follow/", **auth)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "too_many_topics")
+    assert client.post("/api/topics/a/follow/", **auth).status_code == 200  # already followed: no new follow
+    assert sorted(selectors.followed_topics(alice).values()) == ["a", "b"]
+
+
+def test_following_and_unfollowing_in_a_loop_does_not_grow_the_follow_history(alice):
+    topic = Topic.objects.create(slug="loop", title="Loop")
+    for _ in range(50):
+        services.topic_follow(user=alice, topic=topic)
+        services.topic_unfollow(user=alice, topic=topic)
+    assert Follow.objects.filter(user=alice, topic=topic).count() == 1
+    for i in range(services.FOLLOW_PERIODS_MAX + 10):  # a notification between periods keeps them apart
+        services.topic_follow(user=alice, topic=topic)
+        services.notification_send(topic=topic, title=f"seen {i}")
+        services.topic_unfollow(user=alice, topic=topic)
+        services.notification_send(topic=topic, title=f"not seen {i}")
+    assert Follow.objects.filter(user=alice, topic=topic).count() == services.FOLLOW_PERIODS_MAX
+    inbox = [n.title for n in selectors.inbox_for(alice, limit=100)]
+    assert inbox == [f"seen {i}" for i in reversed(range(10, services.FOLLOW_PERIODS_MAX + 10))]
+
+
+# Topics are routed by identity, not by slug
+
+
+async def test_a_topic_deleted_and_recreated_private_does_not_reach_its_old_followers(
+    layer, ws, alice, bob, alice_token, bob_token
+):
+    ops = await sync_to_async(Topic.objects.create)(slug="ops", title="Ops")
+    await sync_to_async(services.topic_follow)(user=alice, topic=ops)
+    mine, hello = await ws(alice_token)
+    assert hello["topics"] == ["ops"]
+    await sync_to_async(ops.delete)()
+    assert await mine.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops"}
+    private = await sync_to_async(Topic.objects.create)(slug="ops", title="Ops (private)", private=True)
+    await sync_to_async(private.members.add)(bob)
+    await sync_to_async(services.topic_follow)(user=bob, topic=private)
+    bobs, _ = await ws(bob_token)
+    await send(topic="ops", title="members only", data={"secret": 1})
+    assert (await bobs.receive_json_from(timeout=5))["title"] == "members only"
+    assert await mine.receive_nothing(timeout=0.5)
+
+
+async def test_a_renamed_topic_keeps_reaching_its_followers_and_its_old_slug_does_not(
+    layer, ws, alice, bob, alice_token, superuser_client
+):
+    ops = await sync_to_async(Topic.objects.create)(slug="ops", title="Ops")
+    await sync_to_async(services.topic_follow)(user=alice, topic=ops)
+    mine, _ = await ws(alice_token)
+    response = await sync_to_async(superuser_client.post)(
+        f"/admin/notifications/topic/{ops.pk}/change/", {"slug": "ops-archive", "title": "Ops archive"},
+    )
+    assert response.status_code == 302
+    assert await mine.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops"}
+    assert await mine.receive_json_from(timeout=5) == {"type": "subscribed", "topic": "ops-archive"}
+    newcomer = await sync_to_async(Topic.objects.create)(slug="ops", title="New ops", private=True)
+    await sync_to_async(newcomer.members.add)(bob)
+    await send(topic="ops", title="not for alice")
+    await send(topic="ops-archive", title="archived")
+    frame = await mine.receive_json_from(timeout=5)
+    assert (frame["type"], frame["title"], frame["topic"]) == ("notification", "archived", "ops-archive")
+    assert await mine.receive_nothing(timeout=0.3)
+    again, hello = await ws(alice_token)
+    assert hello["topics"] == ["ops-archive"]
 
 
 async def test_deactivating_a_user_in_the_admin_closes_their_connections(layer, ws, alice, alice_token,
@@ -128,22 +270,33 @@ async def test_a_users_oldest_connection_is_closed_when_the_limit_is_passed(laye
 
 def test_token_guessing_over_the_api_is_throttled_per_address(client, alice_token, settings):
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 3}
-    statuses = [client.get("/api/notifications/", HTTP_AUTHORIZATION=f"Bearer ntf_guess{i}_x").status_code
-                for i in range(5)]
-    assert statuses == [401, 401, 401, 401, 429]
-    blocked = client.get("/api/notifications/", HTTP_AUTHORIZATION=f"Bearer {alice_token}")
-    assert blocked.status_code == 429
-    assert blocked.json()["error"]["code"] == "too_many_failures"
+    responses = [client.get("/api/notifications/", HTTP_AUTHORIZATION=f"Bearer ntf_guess{i}_x") for i in range(5)]
+    assert [r.status_code for r in responses] == [401, 401, 401, 429, 429]
+    assert responses[-1].json()["error"]["code"] == "too_many_failures"
 
 
-async def test_token_guessing_over_websockets_is_throttled_per_address(layer, ws, settings):
+def test_a_valid_token_is_served_from_an_address_over_its_failure_limit(client, alice_token, settings):
+    """One attacker behind a shared address (a NAT, a proxy) must not lock out everyone behind it."""
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
+    for i in range(5):
+        client.get("/api/notifications/", HTTP_AUTHORIZATION=f"Bearer ntf_guess{i}_x")
+    assert client.get("/api/notifications/", HTTP_AUTHORIZATION=f"Bearer {alice_token}").status_code == 200
+    again = client.get("/api/notifications/", HTTP_AUTHORIZATION="Bearer ntf_guess9_x")
+    assert again.status_code == 429
+
+
+async def test_token_guessing_over_websockets_is_throttled_per_address_but_valid_tokens_connect(
+    layer, ws, settings, alice_token
+):
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
     codes = []
     for i in range(4):
         comm = await ws(f"ntf_guess{i}_x", hello=False)
         codes.append((await comm.receive_json_from(timeout=5))["code"])
-    assert codes == ["invalid_token", "invalid_token", "invalid_token", "too_many_failures"]
+    assert codes == ["invalid_token", "invalid_token", "too_many_failures", "too_many_failures"]
     assert (await comm.receive_output(timeout=5))["code"] == 4029
+    _, hello = await ws(alice_token)  # the same address: the valid token is served
+    assert hello["type"] == "hello"
 
 
 def test_password_guessing_on_the_login_page_is_throttled(client, alice, settings):
@@ -151,6 +304,29 @@ def test_password_guessing_on_the_login_page_is_throttled(client, alice, setting
     statuses = [client.post("/accounts/login/", {"username": "alice", "password": f"wrong{i}"}).status_code
                 for i in range(4)]
     assert statuses == [200, 200, 200, 429]
+    # Even the right password: else the throttle would still tell which guess was right.
+    assert client.post("/accounts/login/", {"username": "alice", "password": "pw-for-tests-1"}).status_code == 429
+
+
+def test_password_guessing_on_the_admin_login_is_throttled(client, django_user_model, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
+    django_user_model.objects.create_superuser("root", "root@example.com", "pw-for-tests-1")
+    statuses = [client.post("/admin/login/", {"username": "root", "password": f"wrong{i}"}).status_code
+                for i in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    assert client.post("/admin/login/", {"username": "root", "password": "pw-for-tests-1"}).status_code == 429
+    # The admin's own pages still ask for a login as before.
+    assert client.get("/admin/").status_code == 302
+
+
+def test_password_guessing_for_one_user_does_not_lock_out_another_behind_the_same_address(
+    client, alice, bob, settings
+):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
+    for i in range(5):
+        client.post("/accounts/login/", {"username": "alice", "password": f"wrong{i}"})
+    response = client.post("/accounts/login/", {"username": "bob", "password": "pw-for-tests-1"})
+    assert response.status_code == 302
 
 
 def test_ticket_requests_are_limited_per_user(client, alice_token, settings):
