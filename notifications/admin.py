@@ -21,6 +21,7 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 
 from . import protocol, selectors, services
 from .auth import token_create, token_revoke
@@ -286,7 +287,16 @@ class ApiTokenAdmin(admin.ModelAdmin):
             return super().save_model(request, obj, form, change)
         token, raw = token_create(user=obj.user, name=obj.name, expires_at=obj.expires_at)
         obj.pk, obj.prefix, obj.created_at = token.pk, token.prefix, token.created_at
-        messages.warning(request, f"Copy the token now; it will not be shown again: {raw}")
+        request._raw_token = raw  # for response_add, this request only
+
+    def response_add(self, request, obj, post_url_continue=None):
+        """Show the raw token once, in this response: not in a message (Django keeps messages in a
+        signed but readable cookie), not after a redirect, and not cacheable."""
+        context = {**self.admin_site.each_context(request), "title": "API token created", "opts": self.opts,
+                   "token": obj, "raw": request._raw_token}
+        response = TemplateResponse(request, "admin/notifications/token_created.html", context)
+        add_never_cache_headers(response)
+        return response
 
     @admin.action(description="Revoke selected tokens (closes their live connections)")
     def revoke(self, request, queryset):

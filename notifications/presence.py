@@ -84,7 +84,7 @@ class RedisPresence(BasePresence):
         self.url = url or settings.REDIS_URL
         # Sentinel wins over the URL, as for the channel layer (project.layers).
         self.sentinels = [] if url else list(getattr(settings, "REDIS_SENTINELS", []))
-        self.prefix = f"{prefix or settings.CHANNELS_PREFIX}:presence"
+        self.prefix = f"{prefix or settings.NOTIFICATIONS['REDIS_PREFIX']}:presence"
         self.ttl = ttl or settings.NOTIFICATIONS["PRESENCE_TTL"]
         self._clients: dict[asyncio.AbstractEventLoop, object] = {}
         self._heartbeats: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}

@@ -4,6 +4,7 @@ and schedules its push with ``transaction.on_commit`` (through ``push``, the one
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from datetime import timedelta
 from functools import partial
@@ -82,11 +83,18 @@ def _strings(value: Any):
             yield from _strings(item)
 
 
+_OFF_SITE_TRAPS = re.compile(r"[\\\x00-\x20\x7f]")
+
+
 def _validate_link(link: str | None) -> str:
     if not link:
         return ""
     if not isinstance(link, str) or len(link) > 2000:
         raise ValidationError({"link": "link must be a string of at most 2000 characters."})
+    if _OFF_SITE_TRAPS.search(link):
+        # Browsers drop tabs and newlines from URLs and read a backslash as a slash: a path
+        # "/<backslash>evil.example" or "/<tab>/evil.example" is an off-site link.
+        raise ValidationError({"link": "link may not contain backslashes, spaces or control characters."})
     if link.startswith("/") and not link.startswith("//"):
         return link
     try:

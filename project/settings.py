@@ -100,12 +100,15 @@ REDIS_SENTINELS = parse_sentinels(env.str("REDIS_SENTINELS", default=""))
 REDIS_SENTINEL_MASTER = env.str("REDIS_SENTINEL_MASTER", default="")
 REDIS_SENTINEL_DB = env.int("REDIS_SENTINEL_DB", default=0)
 REDIS_SENTINEL_PASSWORD = env.str("REDIS_SENTINEL_PASSWORD", default="")
-CHANNELS_PREFIX = env.str("CHANNELS_PREFIX", default="notifications")
+# The namespace of every Redis key the service writes: channel layer, cache (throttles), presence.
+# Deployments sharing one Redis (staging and production, two sites) need different prefixes.
+# CHANNELS_PREFIX is its older name, still read when REDIS_PREFIX is not set.
+REDIS_PREFIX = env.str("REDIS_PREFIX", default=env.str("CHANNELS_PREFIX", default="notifications"))
 if REDIS_URL or REDIS_SENTINELS:
     CHANNEL_LAYERS = {
         "default": redis_channel_layer(
             REDIS_URL,
-            CHANNELS_PREFIX,
+            REDIS_PREFIX,
             env.int("CHANNELS_CAPACITY", default=10_000),
             sentinels=REDIS_SENTINELS,
             master_name=REDIS_SENTINEL_MASTER,
@@ -120,7 +123,8 @@ else:
 
 # Throttle counters (notifications/throttle.py) must be shared by every server process.
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                "KEY_PREFIX": REDIS_PREFIX}
     if REDIS_URL
     else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 }
@@ -185,6 +189,8 @@ NOTIFICATIONS = {
         if REDIS_URL or REDIS_SENTINELS
         else "notifications.presence.LocalPresence",
     ),
+    # The namespace of the presence keys in Redis (the same prefix as the channel layer and cache).
+    "REDIS_PREFIX": REDIS_PREFIX,
     # Seconds after which a connection of a crashed process disappears from "who is online".
     "PRESENCE_TTL": env.int("PRESENCE_TTL", default=45),
     # This server process's name in presence listings (default: host name and process id).

@@ -523,6 +523,15 @@ def test_send_with_javascript_link_gets_400(client, staff_token, alice):
     )
 
 
+@pytest.mark.parametrize("link", ["/\\evil.example", "/\t/evil.example", "/\n/evil.example", "/ /evil.example",
+                                  "https://example.com/a\\b"])
+def test_send_with_a_link_browsers_read_as_off_site_gets_400(client, staff_token, alice, link):
+    response = send(client, staff_token, title="hi", link=link, users=["alice"])
+    assert_error(response, 400, "invalid", NOT_VALID,
+                 {"link": "link may not contain backslashes, spaces or control characters."})
+    assert not Notification.objects.exists()
+
+
 @pytest.mark.parametrize(
     "raw",
     [

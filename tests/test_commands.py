@@ -72,6 +72,29 @@ def test_create_api_token_for_unknown_user_without_create_users_fails_and_create
     assert not ApiToken.objects.exists()
 
 
+def test_create_api_token_normalizes_usernames_like_django(alice):
+    (token,) = printed_tokens(run("create_api_token", "--create-users", "\uff41lice"))  # fullwidth "a"
+    assert token_authenticate(token) == alice
+    assert list(get_user_model().objects.values_list("username", flat=True)) == ["alice"]
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("Alice", "differs from the existing user 'alice' only by case"),
+    ("alice ", "Enter a valid username"),
+])
+def test_create_api_token_refuses_lookalike_and_invalid_usernames(alice, name, reason):
+    with pytest.raises(CommandError, match=reason):
+        run("create_api_token", "--create-users", name)
+    assert list(get_user_model().objects.values_list("username", flat=True)) == ["alice"]
+    assert not ApiToken.objects.exists()
+
+
+def test_create_api_token_refuses_two_new_names_that_differ_only_by_case():
+    with pytest.raises(CommandError, match="only by case"):
+        run("create_api_token", "--create-users", "carol", "Carol")
+    assert not get_user_model().objects.exists()
+
+
 def test_create_api_token_with_staff_makes_senders(client, alice):
     tokens = printed_tokens(run("create_api_token", "--create-users", "--staff", "ops", "alice"))
     for username in ("ops", "alice"):

@@ -3,15 +3,17 @@ lost pushes recovered from the store, slow consumers closed with 4008."""
 
 import asyncio
 import random
+from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.utils import timezone
 
 from notifications import push, selectors, services
 from notifications.auth import WebSocketAuthMiddlewareStack
 from notifications.consumers import NotificationConsumer
-from notifications.models import Topic
+from notifications.models import Notification, Topic
 
 from .conftest import WS_PATH, bearer
 
@@ -111,6 +113,20 @@ async def test_resume_older_than_the_retention_window_is_not_recovered(layer, ws
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REPLAY_MAX_AGE": -1}
     comm, _ = await ws(alice_token, path=f"{WS_PATH}?since=0")
     assert (await comm.receive_json_from(timeout=5))["reason"] == "too_old"
+
+
+async def test_resume_age_is_judged_by_the_users_own_notifications_only(layer, ws, alice, bob, alice_token,
+                                                                        settings):
+    """Another user's old notification after the cursor must not tell this user how old it is."""
+    (old,) = await send(users=[bob], title="bob's, old")
+    await sync_to_async(Notification.objects.filter(pk=old.pk).update)(created_at=timezone.now() - timedelta(days=30))
+    await send(users=[alice], title="alice's, new")
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REPLAY_MAX_AGE": 7 * 24 * 3600}
+    comm, _ = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    frame = await comm.receive_json_from(timeout=5)
+    assert (frame["type"], frame["title"]) == ("notification", "alice's, new")
+    resumed = await comm.receive_json_from(timeout=5)
+    assert (resumed["type"], resumed["recovered"], resumed["count"]) == ("resumed", True, 1)
 
 
 @pytest.mark.parametrize("query", ["since=abc", "since=-1", "since=99999999999999999999999"])

@@ -1,12 +1,13 @@
 """Access control and abuse limits: nobody reads what is not theirs; guessing and flooding are throttled."""
 
 import logging
+import uuid
 
 import pytest
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.test import Client
 
-from notifications import selectors, services
+from notifications import auth, selectors, services
 from notifications.auth import ticket_issue, token_create
 from notifications.models import Follow, Topic
 
@@ -327,6 +328,32 @@ def test_password_guessing_for_one_user_does_not_lock_out_another_behind_the_sam
         client.post("/accounts/login/", {"username": "alice", "password": f"wrong{i}"})
     response = client.post("/accounts/login/", {"username": "bob", "password": "pw-for-tests-1"})
     assert response.status_code == 302
+
+
+def test_deployments_sharing_a_redis_do_not_share_throttles_or_presence(redis_url, settings):
+    """Staging's failed logins must not lock out production on the same Redis (REDIS_PREFIX)."""
+    from notifications import throttle
+    from notifications.presence import Connection, RedisPresence
+
+    run = uuid.uuid4().hex[:8]
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
+
+    def deployment(prefix: str):
+        settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                       "LOCATION": redis_url, "KEY_PREFIX": prefix}}
+        settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REDIS_PREFIX": prefix}
+
+    deployment(f"staging-{run}")
+    assert [auth.failure_seen("203.0.113.9") for _ in range(3)] == [True, True, False]
+    staging = RedisPresence(url=redis_url)
+    record = Connection(id="c1", user_id=1, username="a", since=0.0, ip=None, user_agent="", server="s", topics=[])
+    async_to_sync(staging.add)(record)
+    deployment(f"production-{run}")
+    assert auth.failure_seen("203.0.113.9") is True
+    assert throttle.blocked("auth", "203.0.113.9", limit=2) is False
+    assert RedisPresence(url=redis_url).online() == []
+    assert [c.id for c in staging.online()] == ["c1"]
+    async_to_sync(staging.remove)("c1")
 
 
 def test_ticket_requests_are_limited_per_user(client, alice_token, settings):

@@ -43,6 +43,16 @@ def test_redis_url_gives_the_core_layer(monkeypatch):
     assert settings["NOTIFICATIONS"]["PRESENCE_BACKEND"] == "notifications.presence.RedisPresence"
 
 
+@pytest.mark.parametrize("variable", ["REDIS_PREFIX", "CHANNELS_PREFIX"])
+def test_one_prefix_namespaces_every_redis_key(monkeypatch, variable):
+    """Channel layer, cache (throttles) and presence: deployments sharing a Redis never meet.
+    CHANNELS_PREFIX is the older name of REDIS_PREFIX."""
+    settings = load_settings(monkeypatch, REDIS_URL="redis://cache:6379/2", **{variable: "staging"})
+    assert settings["CHANNEL_LAYERS"]["default"]["CONFIG"]["prefix"] == "staging"
+    assert settings["CACHES"]["default"]["KEY_PREFIX"] == "staging"
+    assert settings["NOTIFICATIONS"]["REDIS_PREFIX"] == "staging"
+
+
 def test_sentinels_give_a_sentinel_managed_master(monkeypatch):
     settings = load_settings(monkeypatch, REDIS_SENTINELS="10.0.0.1:26379, 10.0.0.2:26380,[fd00::3]:26379,s4",
                              REDIS_SENTINEL_MASTER="notifications", REDIS_SENTINEL_DB="3",

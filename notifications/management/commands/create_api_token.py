@@ -5,6 +5,7 @@ from datetime import timedelta
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from django.contrib.auth.models import Permission
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
@@ -31,12 +32,15 @@ class Command(BaseCommand):
     def handle(self, *args, usernames, create_users, staff, name, expires_days, **options):
         User = get_user_model()
         field = User.USERNAME_FIELD
+        # Django's normalization (NFKC: "ａlice" is "alice"), as the admin and the signup forms apply it.
+        usernames = [User.normalize_username(u) for u in usernames]
         wanted = list(dict.fromkeys(usernames))
         users = {getattr(u, field): u for u in User.objects.filter(**{f"{field}__in": wanted})}
         missing = [u for u in wanted if u not in users]
         if missing and not create_users:
             raise CommandError(f"Unknown users (use --create-users): {', '.join(missing[:20])}")
         if missing:
+            self._check_new_usernames(User, missing)
             User.objects.bulk_create(
                 [User(**{field: u}, password=make_password(None), is_staff=staff) for u in missing]
             )
@@ -47,6 +51,29 @@ class Command(BaseCommand):
         built = [token_build(user=users[u], name=name, expires_at=expires_at) for u in usernames]
         ApiToken.objects.bulk_create([token for token, _ in built])
         self.stdout.write("\n".join(raw for _, raw in built))
+
+    @staticmethod
+    def _check_new_usernames(User, names: list[str]) -> None:
+        """Refuse a name the model's validators refuse ("alice " has a space), or one that differs
+        from another user's, or another new one's, only by case ("Alice" beside "alice")."""
+        field = User._meta.get_field(User.USERNAME_FIELD)
+        problems = []
+        for name in names:
+            try:
+                field.run_validators(name)
+            except ValidationError as exc:
+                problems.append(f"{name!r}: {' '.join(exc.messages)}")
+        folded: dict[str, str] = {}
+        for name in names:
+            if name.casefold() in folded:
+                problems.append(f"{name!r}: differs from {folded[name.casefold()]!r} only by case")
+            folded.setdefault(name.casefold(), name)
+        for name in names:
+            existing = User.objects.filter(**{f"{User.USERNAME_FIELD}__iexact": name}).first()
+            if existing is not None:
+                problems.append(f"{name!r}: differs from the existing user {existing.get_username()!r} only by case")
+        if problems:
+            raise CommandError("Cannot create these users: " + "; ".join(problems[:20]))
 
     @staticmethod
     def _make_senders(users):

@@ -117,7 +117,9 @@
   }
 
   function safeLink(link) {
-    return typeof link === "string" && /^(https?:\/\/|\/(?!\/))/i.test(link) ? link : null;
+    // No backslash, space or control character anywhere: browsers read "/\\x" and "/\t/x" as "//x".
+    return typeof link === "string" && /^(https?:\/\/|\/(?!\/))/i.test(link) && !/[\\\x00-\x20\x7f]/.test(link)
+      ? link : null;
   }
 
   function metaText(n) {
