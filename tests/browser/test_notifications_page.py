@@ -116,6 +116,19 @@ def test_sign_in_then_a_notification_sent_from_the_admin_form_arrives_within_2_s
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
 
 
+def test_signing_out_in_another_tab_takes_this_tab_offline_as_signed_out(open_page, alice):
+    first = open_page(alice, "/")
+    expect_connected(first)
+    second = open_page(context=first.context)
+    expect_connected(second)
+    second.get_by_role("button", name="Sign out").click()
+    expect(second).to_have_url(re.compile(r"/accounts/login/"))
+    # The server closed the first tab's socket (4010: the session changed); its reconnect has no
+    # valid session any more (4001), so it stops and says so.
+    expect(status(first)).to_have_attribute("data-status", "offline")
+    expect(status(first).locator(".status-text")).to_have_text("Signed out")
+
+
 # Live delivery
 
 

@@ -13,7 +13,9 @@
  *   backoff over once a connection has stayed up for `stableAfter` ms;
  * - never reconnects after close 4001 (unauthenticated) or 4003 (forbidden): the status
  *   becomes "offline" and `detail.reason` says why (a fresh ticket is fetched once after
- *   `invalid_ticket`, since a ticket works only once);
+ *   `invalid_ticket`, since a ticket works only once); after close 4010 (the session logged
+ *   out or the password changed) it reconnects, and the handshake says whether the session
+ *   is still valid;
  * - keeps the unread count: `hello.unread_count`, +1 per new `notification` frame, and
  *   the absolute count of `unread_count` and `ack` frames. Every tab has its own socket
  *   and gets the same frames; a BroadcastChannel tells the other tabs of this browser
