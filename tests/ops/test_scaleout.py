@@ -6,6 +6,7 @@ import asyncio
 import re
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from tests.server import expect_close, expect_no_frame, recv_json, send_json
 
@@ -115,3 +116,34 @@ async def test_admin_online_page_and_disconnect_action_span_both_processes(serve
     # Alice's connections leave the page; Bob's stays.
     assert await wait_for_rows(a, superuser_session, [("host-b", "127.0.0.1")]) == [("host-b", "127.0.0.1")]
     await bob_b.close()
+
+
+async def test_a_topic_deleted_in_one_process_leaves_sockets_on_both_and_its_slug_reused_reaches_neither(
+    serve, deploys, alice, bob, alice_token, staff_token, superuser_session
+):
+    """Topics are routed by id on every process: the admin deletes "deploys" through process A,
+    both of Alice's sockets drop it, and a new private "deploys" (Bob only) reaches neither."""
+    from notifications.models import Topic
+
+    a, b = await two_servers(serve)
+    followed = await a.request_async("POST", "/api/topics/deploys/follow/", token=alice_token)
+    assert followed.status == 200, followed.text
+    (alice_a, _), (alice_b, _) = await hello(a, alice_token), await hello(b, alice_token)
+    csrf_cookie, form_token = await asyncio.to_thread(admin_csrf, a, superuser_session)
+    deleted = await a.request_async(
+        "POST", f"/admin/notifications/topic/{deploys.pk}/delete/",
+        form={"post": "yes", "csrfmiddlewaretoken": form_token},
+        headers={"Cookie": f"sessionid={superuser_session['sessionid']}; csrftoken={csrf_cookie}"},
+    )
+    assert deleted.status == 302, deleted.text[:500]
+    for ws in (alice_a, alice_b):
+        assert await recv_json(ws) == {"type": "unsubscribed", "topic": "deploys"}
+
+    private = await sync_to_async(Topic.objects.create)(slug="deploys", title="Deploys", private=True)
+    await sync_to_async(private.members.add)(bob)
+    sent = await b.request_async("POST", "/api/notifications/", token=staff_token,
+                                 json_body={"title": "members only", "topic": "deploys"})
+    assert sent.status == 201, sent.text
+    for ws in (alice_a, alice_b):
+        await expect_no_frame(ws, 0.5)
+        await ws.close()
