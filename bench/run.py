@@ -39,9 +39,10 @@ DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/notif_bench"
 # 127.0.0.1 in database 0 would refuse this run's handshakes (4029).
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 # bin/serve's uvicorn options (production), then the loop and parser it picks anyway when installed.
-SERVE_FLAGS = ["--ws", "websockets-sansio", "--ws-max-size", "1048576", "--ws-per-message-deflate", "false",
-               "--lifespan", "on", "--timeout-graceful-shutdown", "10", "--no-proxy-headers",
-               "--header", "server:notifications", "--loop", "uvloop", "--http", "httptools", "--no-access-log"]
+SERVE_FLAGS = ["--ws", "notifications.serving:WebSocketProtocol", "--ws-max-size", "1048576",
+               "--ws-per-message-deflate", "false", "--lifespan", "on", "--timeout-graceful-shutdown", "10",
+               "--no-proxy-headers", "--header", "server:notifications", "--loop", "uvloop",
+               "--http", "notifications.serving:HttpProtocol", "--no-access-log"]
 SERVER_FLAGS = ["--ws", "websockets-sansio", "--ws-per-message-deflate", "false", "--loop", "uvloop",
                 "--http", "httptools"]
 

@@ -4,8 +4,9 @@ channels-redis over-capacity counter.
 Both formatters redact secrets from the whole formatted line, traceback included: API
 tokens (``ntf_…``), WebSocket tickets (``tkt_…``), ``Authorization`` values, and the
 values of ``token``/``ticket``/``sessionid``/``csrftoken``/``password``-like parameters
-and cookies. uvicorn logs every handshake and request with its query string
-(``?ticket=…``); settings route its loggers through these formatters.
+and cookies, and the token of a password-reset link (``/accounts/reset/<uid>/<token>/``).
+uvicorn logs every handshake and request with its query string (``?ticket=…``);
+settings route its loggers through these formatters.
 
 Connection events carry their fields as ``extra`` (``event``, ``user_id``,
 ``connection_id``, ``client_ip``, ``close_code``, ...): the JSON formatter writes each
@@ -33,6 +34,9 @@ _SECRET_PATTERNS = [
         ),
         rf"\g<1>\g<2>{REDACTED}",
     ),
+    # A password-reset link, /accounts/reset/<uidb64>/<token>/: the token goes. Django's next
+    # step, /accounts/reset/<uidb64>/set-password/, holds none and stays readable.
+    (re.compile(r"(/reset/[A-Za-z0-9_\-]+/)(?!set-password\b|\[redacted\])[^/\s?#\"'\\]+"), rf"\g<1>{REDACTED}"),
 ]
 
 

@@ -205,12 +205,18 @@ def _token_ok(request) -> bool:
     return hmac.compare_digest(given.strip().encode(), expected.encode())
 
 
+def metrics_allowed(request) -> bool:
+    """Whether ``request`` may read ``/metrics`` (and ``/readyz``'s details): from an address in
+    ``METRICS_ALLOWED_IPS`` (behind ``TRUSTED_PROXIES``), or with the ``METRICS_TOKEN`` bearer."""
+    meta = request.META
+    address = client_ip(meta.get("REMOTE_ADDR"), meta.get("HTTP_X_FORWARDED_FOR"), meta.get("HTTP_X_REAL_IP"))
+    return _token_ok(request) or _address_allowed(address)
+
+
 @never_cache
 @require_GET
 def metrics_view(request):
-    meta = request.META
-    address = client_ip(meta.get("REMOTE_ADDR"), meta.get("HTTP_X_FORWARDED_FOR"), meta.get("HTTP_X_REAL_IP"))
-    if not (_token_ok(request) or _address_allowed(address)):
+    if not metrics_allowed(request):
         message = "Metrics are served to METRICS_ALLOWED_IPS or with 'Authorization: Bearer <METRICS_TOKEN>'."
         return JsonResponse({"error": {"code": "forbidden", "message": message}}, status=403)
     return HttpResponse(exposition(), content_type=CONTENT_TYPE_LATEST)

@@ -5,11 +5,13 @@ import time
 
 
 class ThrottledLog:
-    """Log the first failure of each kind, then at most one summary line per ``interval`` seconds."""
+    """Log the first failure of each kind, then at most one summary line per ``interval`` seconds
+    (at ``level``: ERROR unless the caller is only reporting a failure logged elsewhere)."""
 
-    def __init__(self, logger: logging.Logger, *, interval: float = 30.0):
+    def __init__(self, logger: logging.Logger, *, interval: float = 30.0, level: int = logging.ERROR):
         self.logger = logger
         self.interval = interval
+        self.level = level
         self.seen: dict[str, tuple[float, int]] = {}
 
     def failure(self, what: str, exc: BaseException) -> None:
@@ -18,7 +20,7 @@ class ThrottledLog:
         last, suppressed = self.seen.get(kind, (0.0, 0))
         if now - last >= self.interval:
             extra = f" ({suppressed} more since the last report)" if suppressed else ""
-            self.logger.error("%s: %s%s", kind, exc, extra)
+            self.logger.log(self.level, "%s: %s%s", kind, exc, extra)
             self.seen[kind] = (now, 0)
         else:
             self.seen[kind] = (last, suppressed + 1)

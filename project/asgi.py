@@ -13,6 +13,7 @@ django_asgi_app = get_asgi_application()  # set up Django before importing consu
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from notifications.auth import WebSocketAuthMiddlewareStack  # noqa: E402
+from notifications.http import BodyLimitMiddleware  # noqa: E402
 from notifications.lifespan import lifespan  # noqa: E402
 from notifications.routing import websocket_urlpatterns  # noqa: E402
 
@@ -20,7 +21,7 @@ from notifications.routing import websocket_urlpatterns  # noqa: E402
 # Origin is checked where it matters, for cookie-authenticated handshakes (notifications.auth).
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": BodyLimitMiddleware(django_asgi_app),  # oversize bodies refused before Django reads them
         "websocket": WebSocketAuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
         "lifespan": lifespan,
     }

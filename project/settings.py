@@ -4,6 +4,7 @@ Every variable is listed, with its default, in the README's configuration table.
 """
 
 import os
+import warnings
 from pathlib import Path
 
 import environ
@@ -34,12 +35,14 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "ninja",  # Swagger UI for /api/docs from its own static files, not a CDN
     "notifications",
     "examples",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",  # static files, also with DEBUG=0 (below)
     "django.contrib.sessions.middleware.SessionMiddleware",
     "notifications.api.ApiErrorMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -47,6 +50,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "notifications.http.ContentSecurityPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -143,6 +147,13 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
+# WhiteNoise serves /static/ from the apps' static folders (read at start), so a fresh clone's
+# bin/serve needs no collectstatic; STATIC_ROOT (collectstatic) is for a proxy that serves it.
+WHITENOISE_USE_FINDERS = True
+# Not raw stderr lines among the log's: WhiteNoise's "No directory at" STATIC_ROOT before any
+# collectstatic, and Django's note, under ASGI, that it reads a static file in one piece.
+warnings.filterwarnings("ignore", "No directory at: ", UserWarning)
+warnings.filterwarnings("ignore", "StreamingHttpResponse must consume synchronous iterators", Warning)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"

@@ -316,9 +316,10 @@ def test_client_js_connects_with_a_ticket_when_asked_to(open_page, api_send, ali
         onNotification: (n, source) => window.ticketEvents.push(`${source}: ${n.title}`),
       }).start();
     }""")
-    page.wait_for_function("window.ticketClient.status === 'connected'", timeout=5_000)
+    # Functions, not expressions: Playwright evaluates an expression with eval(), which the page's CSP refuses.
+    page.wait_for_function("() => window.ticketClient.status === 'connected'", timeout=5_000)
     api_send(title="Over the ticket socket", users=["alice"])
-    page.wait_for_function("window.ticketEvents.includes('live: Over the ticket socket')", timeout=2_000)
+    page.wait_for_function("() => window.ticketEvents.includes('live: Over the ticket socket')", timeout=2_000)
     assert page.evaluate("window.ticketEvents") == ["connecting", "connected", "live: Over the ticket socket"]
     assert page.evaluate("window.ticketClient.unreadCount") == 1
     expect(toast(page, "Over the ticket socket")).to_be_visible()  # the page's own client got it too

@@ -20,7 +20,8 @@ START_TIMEOUT = 30.0
 # Variables of bin/serve itself: never inherited from the developer's shell.
 SERVE_ENV = ("SERVE_HOST", "SERVE_PORT", "SERVE_UDS", "SERVE_FD", "SERVE_WORKERS", "SERVE_GRACEFUL_TIMEOUT",
              "SERVER_HEADER", "PROMETHEUS_MULTIPROC_DIR", "TRUSTED_PROXIES", "FORWARDED_ALLOW_IPS",
-             "WEB_CONCURRENCY")
+             "WEB_CONCURRENCY", "SERVE_MAX_HEADER_BYTES", "SERVE_HEADER_TIMEOUT", "SERVE_WS_MAX_UNSENT_BYTES",
+             "SERVE_WS_CLOSE_TIMEOUT")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -44,6 +44,15 @@ def every_formatted_line(caplog) -> str:
         ("websocket connect user_id=1 auth=bearer client_ip=::1",
          "websocket connect user_id=1 auth=bearer client_ip=::1"),
         ("error code=invalid_token close_code=4001", "error code=invalid_token close_code=4001"),
+        # A password-reset link's token goes; the uid, and the next step's URL, stay.
+        ('127.0.0.1:50000 - "GET /accounts/reset/MQ/cz1a2b-0123456789abcdef0123456789abcdef/ HTTP/1.1" 302',
+         '127.0.0.1:50000 - "GET /accounts/reset/MQ/[redacted]/ HTTP/1.1" 302'),
+        ("Not Found: /accounts/reset/Mjc/cz1a2b-0123456789abcdef", "Not Found: /accounts/reset/Mjc/[redacted]"),
+        ('127.0.0.1:50000 - "GET /accounts/reset/MQ/set-password/ HTTP/1.1" 200',
+         '127.0.0.1:50000 - "GET /accounts/reset/MQ/set-password/ HTTP/1.1" 200'),
+        ('"POST /accounts/reset/MQ/set-password/ HTTP/1.1" 302',
+         '"POST /accounts/reset/MQ/set-password/ HTTP/1.1" 302'),
+        ("GET /accounts/reset/done/ HTTP/1.1", "GET /accounts/reset/done/ HTTP/1.1"),
     ],
 )
 def test_redact(text, expected):
@@ -161,3 +170,28 @@ async def test_server_log_in_json_has_the_events_and_no_credentials(serve, alice
     handshakes = [e["message"] for e in entries if e["logger"] == "uvicorn.error" and "WebSocket" in e["message"]]
     assert any("ticket=[redacted]" in m for m in handshakes), handshakes
     assert any("token=[redacted]" in m for m in handshakes), handshakes
+
+
+@pytest.mark.server
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+async def test_a_password_reset_links_token_is_not_in_the_access_log(serve, alice):
+    """The link in the reset e-mail carries the token in its path; uvicorn logs every path."""
+    from django.contrib.auth.tokens import default_token_generator
+    from django.utils.encoding import force_bytes
+    from django.utils.http import urlsafe_base64_encode
+
+    server = await asyncio.to_thread(serve, "reset")
+    uid = urlsafe_base64_encode(force_bytes(alice.pk))
+    token = await sync_to_async(default_token_generator.make_token)(alice)
+    link = await server.request_async("GET", f"/accounts/reset/{uid}/{token}/")
+    assert (link.status, link.headers["Location"]) == (302, f"/accounts/reset/{uid}/set-password/")
+    form = await server.request_async("GET", link.headers["Location"],
+                                      headers={"Cookie": f"sessionid={link.cookies()['sessionid']}"})
+    assert form.status == 200 and "new_password1" in form.text  # the token was good
+    await asyncio.sleep(0.3)
+
+    log = server.log()
+    assert token not in log and token.split("-")[1] not in log, log
+    assert f'"GET /accounts/reset/{uid}/[redacted]/ HTTP/1.1" 302' in log, log
+    assert f'"GET /accounts/reset/{uid}/set-password/ HTTP/1.1" 200' in log, log
