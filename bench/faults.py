@@ -16,8 +16,10 @@ dropped at the end. Redis is ``--redis-url`` (default ``REDIS_URL`` or the local
 unique prefix per scenario; the Redis restart scenario uses a private redis-server.
 
 Prints, per scenario: clients, notifications sent, deliveries expected and received,
-lost, duplicated, p99 resume time (from a client noticing the close to its ``resumed``
-frame), and writes ``bench/results/faults-<date>.json`` with every figure and fact.
+lost, duplicated, out of order (a frame not at the next offset of its stream, or a resumed
+cursor that disagrees with what the client received: ``tests/faults/client.py``), p99 resume
+time (from a client noticing the close to its ``resumed`` frame), and writes
+``bench/results/faults-<date>.json`` with every figure and fact.
 Server logs stay in the temporary directory printed at the start.
 """
 
@@ -135,12 +137,12 @@ def row(outcome) -> str:
     r = outcome.report
     p99 = "-" if r.resume_p99 is None else f"{r.resume_p99:.2f} s"
     return (f"{outcome.scenario:<24} {r.clients:>7} {r.sent:>6} {refused(outcome):>7} {r.expected:>9} "
-            f"{r.received:>9} {r.lost:>5} {r.duplicated:>5} {p99:>9} {outcome.seconds:>7.1f} "
+            f"{r.received:>9} {r.lost:>5} {r.duplicated:>5} {r.out_of_order:>5} {p99:>9} {outcome.seconds:>7.1f} "
             f"{'yes' if outcome.complete else 'NO':>9}")
 
 
 HEADER = (f"{'scenario':<24} {'clients':>7} {'sent':>6} {'refused':>7} {'expected':>9} {'received':>9} "
-          f"{'lost':>5} {'dup':>5} {'p99 res.':>9} {'seconds':>7} {'complete':>9}")
+          f"{'lost':>5} {'dup':>5} {'order':>5} {'p99 res.':>9} {'seconds':>7} {'complete':>9}")
 
 
 async def run(args, world, database: Database) -> list:
@@ -230,8 +232,9 @@ def main() -> int:
     for outcome in outcomes:
         print(row(outcome))
     failed = [o.scenario for o in outcomes if not (o.complete and o.report.ok and not refused(o))]
+    everywhere = "0 lost, 0 duplicated, 0 out of order, 0 refused everywhere"
     print(f"\n{len(outcomes)} scenario(s) in {time.monotonic() - started:.0f} s; "
-          + (f"FAILED: {', '.join(failed)}" if failed else "0 lost, 0 duplicated, 0 refused everywhere"))
+          + (f"FAILED: {', '.join(failed)}" if failed else everywhere))
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     path = args.out / f"faults-{stamp}.json"

@@ -1,5 +1,5 @@
-"""The channel layer alone, as the hubs use it: 2 receivers (2 processes' hubs) in group ``stream``,
-one sender; core (``RedisChannelLayer``) or pub/sub (``RedisPubSubChannelLayer``).
+"""The channel layer alone, as the hubs use it: 2 receivers (2 processes' hubs) in the broadcast
+stream's group ``b``, one sender; core (``RedisChannelLayer``) or pub/sub (``RedisPubSubChannelLayer``).
 
     .venv/bin/python bench/layer_only.py [--messages 2000] [--rate 500]
 
@@ -30,9 +30,13 @@ def build(backend: str, prefix: str):
     return import_string(config["BACKEND"])(**config["CONFIG"])
 
 
+GROUP = "b"  # notifications.streams.BROADCAST: the group of the broadcast stream
+
+
 def message(i: int) -> dict:
-    """A stream message the size of a small notification frame."""
-    return {"type": "stream.notification", "id": i, "t": time.time(), "frame": "x" * 300}
+    """A stream message (``notifications.push.notification_message``) the size of a small notification frame."""
+    return {"type": "stream.notification", "stream": GROUP, "offset": i + 1, "id": i + 1, "t": time.time(),
+            "frame": "x" * 300}
 
 
 def pct(values, q):
@@ -46,7 +50,7 @@ async def measure(backend: str, messages: int, rate: float) -> dict:
     channels = []
     for layer in receivers:
         channel = await layer.new_channel()
-        await layer.group_add("stream", channel)
+        await layer.group_add(GROUP, channel)
         channels.append(channel)
     await asyncio.sleep(0.2)
     latencies: list[float] = []
@@ -66,14 +70,14 @@ async def measure(backend: str, messages: int, rate: float) -> dict:
             await asyncio.sleep(0.001)
 
     for i in range(messages):
-        await sender.group_send("stream", message(i))
+        await sender.group_send(GROUP, message(i))
         await asyncio.sleep(1 / rate)
     await wait_for(messages)
     paced = list(latencies)
     latencies.clear()
     started = time.perf_counter()
     for i in range(messages):
-        await sender.group_send("stream", message(i))
+        await sender.group_send(GROUP, message(i))
     await wait_for(2 * messages)
     burst_seconds = time.perf_counter() - started
     for task in tasks:

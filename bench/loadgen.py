@@ -14,7 +14,7 @@ it reads one JSON command per line on stdin and answers one JSON line on stdout:
 
 The client is a small ``asyncio.Protocol`` WebSocket client rather than the ``websockets``
 library's: it does the real handshake (``Authorization: Bearer``, ``Sec-WebSocket-Key``
-checked against ``Sec-WebSocket-Accept``, the ``notifications.v1`` subprotocol), answers
+checked against ``Sec-WebSocket-Accept``, the ``notifications.v2`` subprotocol), answers
 pings, records close codes, and parses server frames in one pass over each read, so it
 spends less than half the CPU per frame of the ``websockets`` library's client (9 against 21 µs, measured in
 docs/performance.md). It shares the machine's cores with the server, so it must be cheap.

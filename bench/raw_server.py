@@ -35,7 +35,7 @@ async def relay(url: str, channel: str) -> None:
 
 async def main(port: int, url: str, channel: str) -> None:
     async with serve(handler, "127.0.0.1", port, compression=None, max_size=2**20,
-                     subprotocols=["notifications.v1"], ping_interval=20, ping_timeout=20):
+                     subprotocols=["notifications.v2"], ping_interval=20, ping_timeout=20):
         print("ready", flush=True)
         await relay(url, channel)
 

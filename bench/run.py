@@ -34,6 +34,8 @@ RESULTS = BENCH / "results"
 PY = sys.executable
 VENV_BIN = Path(PY).parent
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/notif_bench"
+# Offered by every target's clients (the baselines accept it too): a v1 client is refused (4426).
+SUBPROTOCOL = "notifications.v2"
 # Its own Redis database (besides a unique CHANNELS_PREFIX): the product's throttle counters live in
 # Django's cache without a prefix, keyed by client address, so another suite's failed logins from
 # 127.0.0.1 in database 0 would refuse this run's handshakes (4029).
@@ -288,7 +290,7 @@ class Bench:
         path = "/ws/notifications/" if product else ("/ws/" if server.target.startswith("baseline") else "/")
         parts = [tokens[i::len(gens)] for i in range(len(gens))]
         replies = call_all(gens, [{"cmd": "connect", "port": server.port, "path": path, "tokens": part,
-                                   "subprotocol": "notifications.v1", "wait_hello": product,
+                                   "subprotocol": SUBPROTOCOL, "wait_hello": product,
                                    "concurrency": max(1, concurrency // len(gens)), "timeout": 30,
                                    "deflate": server.target == "product-deflate"}
                                   for part in parts])

@@ -39,6 +39,7 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 WORKERS = 2
+SUBPROTOCOL = "notifications.v2"
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -180,9 +181,10 @@ async def run(args, raws: list[str]) -> dict:
             async with gate:
                 ws = await connect(f"ws://127.0.0.1:{server.port}/ws/notifications/",
                                    additional_headers={"Authorization": f"Bearer {raws[i % len(raws)]}"},
-                                   open_timeout=30, max_queue=None, ping_interval=None)
+                                   subprotocols=[SUBPROTOCOL], open_timeout=30, max_queue=None,
+                                   ping_interval=None)
                 hello = json.loads(await ws.recv())
-                assert hello["type"] == "hello", hello
+                assert hello["type"] == "hello" and hello["protocol"] == SUBPROTOCOL, hello
                 sockets.append(ws)
 
         started = time.perf_counter()

@@ -25,9 +25,11 @@ import os
 import sys
 import time
 
+# The product's broadcast frame (notifications.v2: its stream and offset at the end), for the baselines.
 FRAME_TEMPLATE = ('{{"type":"notification","id":{seq},"audience":"broadcast","title":"bench",'
                   '"body":"","level":"info","data":{{"ts":{ts:.6f},"seq":{seq}}},"link":null,"topic":null,'
-                  '"actor":"bench-sender","created_at":"2026-01-01T00:00:00.000000+00:00","read":false}}')
+                  '"actor":"bench-sender","created_at":"2026-01-01T00:00:00.000000+00:00","read":false,'
+                  '"stream":"b","offset":{seq}}}')
 
 
 def percentile(values, p):
@@ -64,8 +66,8 @@ class Sender:
 
             # Several threads (each with its own database connection), as several workers would send:
             # one thread serializes every send's round trips to PostgreSQL and Redis, and under load
-            # that, not the server, caps the rate. Ids stay gap-free and commit-ordered (the stream row
-            # lock); pushes may reach the hub out of order, which it handles.
+            # that, not the server, caps the rate. Offsets stay gap-free and commit-ordered in each stream
+            # (its row's lock); pushes may reach the hub out of order, which it handles.
             from concurrent.futures import ThreadPoolExecutor
 
             executor = ThreadPoolExecutor(max_workers=self.options.get("threads", 4))

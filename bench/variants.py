@@ -13,8 +13,9 @@ production; the variants that the numbers justified were made in the application
 - (``eager``, writing a frame at once when the socket's writer is idle, is now the product's own
   ``Outbox.put``.)
 - ``direct``: no writer task per socket: the hub awaits every socket's ``send`` in turn (one
-  task per notification). Only to measure what the per-socket task costs: one socket whose
-  transport is full stalls every other socket behind it.
+  task per notification; a socket still holding its live frames, before hello or during a
+  replay, gets them through its outbox as in the product). Only to measure what the per-socket
+  task costs: one socket whose transport is full stalls every other socket behind it.
 - ``tracemalloc``: SIGUSR1 marks, SIGUSR2 writes the Python allocations since the mark by line
   (what an idle connection holds).
 - ``threadpool``: ``database_sync_to_async`` runs in a pool of threads instead of the one
@@ -87,23 +88,25 @@ if "basesend" in VARIANTS:
     hub.Outbox._write = _write
 
 if "direct" in VARIANTS:
+    import time
 
-    async def _send_all(targets, notification_id, frame):
+    from notifications import metrics
+
+    async def _send_all(targets, stream, offset, frame):
         message = {"type": "websocket.send", "text": frame}
         for outbox in targets:
-            if not outbox.closed and notification_id > outbox.last_id and not outbox.replaying:
-                outbox.last_id = notification_id
+            if outbox.closed or (outbox.skip is not None and offset <= outbox.skip.get(stream, 0)):
+                continue  # gone, or a resumed client that already has it
+            if outbox.holding:  # before hello, or during a replay: held as in the product
+                outbox.offer(stream, offset, frame)
+            else:
                 await outbox.consumer.base_send(message)
 
     def _deliver(self, message):
-        audience, _, key = message["group"].partition(".")
-        if audience == "user":
-            targets = self.by_user.get(int(key), ())
-        elif audience == "topic":
-            targets = self.by_topic.get(key, ())
-        else:
-            targets = self.everyone
-        asyncio.get_running_loop().create_task(_send_all(list(targets), message["id"], message["frame"]))
+        stream, offset, frame = message["stream"], message["offset"], message["frame"]
+        targets = list(self.registry.readers(stream))
+        asyncio.get_running_loop().create_task(_send_all(targets, stream, offset, frame))
+        metrics.delivered(len(targets), message.get("t"), time.time())
 
     hub.Hub._deliver = _deliver
 

@@ -6,12 +6,12 @@ in this connection's bounded ``Outbox``. Database work sits in
 ``database_sync_to_async`` helpers; nothing here blocks the event loop.
 """
 
+import asyncio
 import logging
 import os
 import socket
 import time
 import uuid
-from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -20,13 +20,13 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import InterfaceError, OperationalError
-from django.utils import timezone
 
-from . import metrics, observe, protocol, selectors, services
+from . import metrics, observe, protocol, resume, selectors, services, streams
 from .auth import ALL_SESSIONS
-from .hub import Hub, Outbox, get_hub
+from .hub import Hub, get_hub
 from .models import Notification, Topic
 from .net import scope_client_ip, scope_headers
+from .outbox import Outbox
 from .presence import Connection, get_presence
 from .protocol import ProtocolError
 from .throttled_log import ThrottledLog
@@ -55,9 +55,11 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.hub: Hub | None = None
         self.outbox: Outbox | None = None
         self.connection_id = uuid.uuid4().hex
-        self.registered_cursor = 0
+        # Where this connection started reading each stream (hello's cursor; topics added later too).
+        self.positions: dict[str, int] = {}
         self.resumed = False
         self.own_topic_requests: set[str] = set()
+        self.routing = asyncio.Lock()  # one topic route at a time (see _route_topic)
         self.max_connections = options["WS_MAX_CONNECTIONS_PER_USER"]
         self.bucket = TokenBucket(rate=options["WS_RATE"], burst=options["WS_BURST"])
         self.violations = 0
@@ -66,6 +68,9 @@ class NotificationConsumer(AsyncWebsocketConsumer):
 
     async def connect(self):
         offered = self.scope.get("subprotocols") or []
+        if protocol.SUBPROTOCOL not in offered and any(old in offered for old in protocol.OLD_SUBPROTOCOLS):
+            await self._refuse_old_protocol(offered)
+            return
         await self.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
         failure = self.scope.get("auth_error")
         if failure is not None:
@@ -73,7 +78,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self.send_frame(protocol.error_frame(failure.code, failure.message))
             await self.close(code=failure.close_code, reason=failure.message[:120])
             return
-        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         try:
             since = _resume_request(query)
             self.hub = await get_hub()
@@ -92,18 +97,26 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             await self._refuse_unavailable("database", exc)
             return
         self.user = user
+        # Holding from the start: live frames wait for hello (and the replay).
         self.outbox = Outbox(self, user_id=user.pk, topics=topics, max_frames=self.max_queued_frames)
-        self.registered_cursor = self.hub.register(self.outbox)
-        self.outbox.replaying = True  # before any await: live frames wait for hello (and the replay)
+        self.outbox.holding = True
+        try:
+            self.positions = await self.hub.register(self.outbox)
+        except (OperationalError, InterfaceError) as exc:
+            await self._refuse_unavailable("database", exc)
+            return
+        except Exception as exc:  # joining a stream's group: the channel layer
+            await self._refuse_unavailable("channel layer", exc)
+            return
         observe.connected(self)
         for oldest in self.hub.oldest_over_limit(user.pk, self.max_connections):
             oldest.consumer.close_replaced()
         # Counted up to the cursor: every later notification arrives live and adds one.
         if since is None:
-            unread, replay = await self._unread_count(self.registered_cursor), None
+            unread, replay = await self._unread_count(self.positions), None
         else:  # one trip to the database for the count and the replay
             self.resumed = True
-            replay = await self._replay(since, query.get("epoch", [None])[0], hello_through=self.registered_cursor)
+            replay = await self._replay(since, query.get("epoch", [""])[0] or None, with_hello_count=True)
             unread = replay.pop("hello_unread_count")
         slugs = sorted(topics.values())
         await get_presence().add(self._presence_record(slugs))  # listed before the client hears hello
@@ -115,16 +128,24 @@ class NotificationConsumer(AsyncWebsocketConsumer):
                 "user": {"id": user.pk, "username": user.get_username()},
                 "unread_count": unread,
                 "topics": slugs,
-                "cursor": self.registered_cursor,
+                "cursor": dict(self.positions),
                 "epoch": epoch,
                 "max_frame_bytes": self.max_frame_bytes,
             }
         )
         if replay is None:
-            self.outbox.release(self.registered_cursor)
+            self.outbox.release()
         else:
-            self._finish_resume(replay, live_after=self.registered_cursor, live_through=self.registered_cursor,
-                                request_id=None)
+            self._finish_resume(replay, request_id=None)
+
+    async def _refuse_old_protocol(self, offered: list[str]):
+        """A client of a version this server no longer serves: say which one it does (4426)."""
+        await self.accept(next(old for old in offered if old in protocol.OLD_SUBPROTOCOLS))
+        observe.refused(self, protocol.UNSUPPORTED_PROTOCOL, protocol.CLOSE_UNSUPPORTED_PROTOCOL)
+        message = (f"This server speaks {protocol.SUBPROTOCOL} (cursors per stream); update the client "
+                   "(docs/protocol.md).")
+        await self.send_frame(protocol.error_frame(protocol.UNSUPPORTED_PROTOCOL, message))
+        await self.close(code=protocol.CLOSE_UNSUPPORTED_PROTOCOL, reason=f"use {protocol.SUBPROTOCOL}")
 
     async def _refuse_unavailable(self, dependency: str, exc: Exception):
         """A dependency is down: tell the client to come back later (4013); one log line per outage."""
@@ -180,25 +201,49 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         await self._resume(request.since, epoch=request.epoch, request_id=request.id)
 
     async def handle_subscribe(self, request):
-        try:
-            await self._change_topic(request, self._follow, self.hub.follow, "subscribed")
-        except services.TooManyTopics as exc:
-            await self._violation(protocol.TOO_MANY_TOPICS, str(exc), request.id)
-
-    async def handle_unsubscribe(self, request):
-        await self._change_topic(request, self._unfollow, self.hub.unfollow, "unsubscribed")
-
-    async def _change_topic(self, request, persist, route, reply: str):
-        """Persist a (un)follow, route the topic on this connection, reply. The user's other
-        connections learn it from the hub; this one needs no second frame for its own request."""
+        # The user's other connections learn it from the hub; this one needs no second frame for
+        # its own request (the hub's event may arrive before or after this route).
         self.own_topic_requests.add(request.topic)
         try:
-            topic = await persist(request.topic, request.id)
+            topic = await self._follow(request.topic, request.id)
+            await self._route_topic(self.outbox, topic.pk, topic.slug)
+        except services.TooManyTopics as exc:
+            await self._violation(protocol.TOO_MANY_TOPICS, str(exc), request.id)
+            return
         finally:
             self.own_topic_requests.discard(request.topic)
-        route(self.outbox, topic.pk, topic.slug)
         await self._update_presence()
-        await self.send_frame(self._reply(reply, request, topic=request.topic))
+        fields = self._topic_fields(topic.pk, topic.slug, offset=True)
+        await self.send_frame(self._reply("subscribed", request, **fields))
+
+    async def handle_unsubscribe(self, request):
+        self.own_topic_requests.add(request.topic)
+        try:
+            topic = await self._unfollow(request.topic, request.id)
+            self.hub.unfollow(self.outbox, topic.pk)
+        finally:
+            self.own_topic_requests.discard(request.topic)
+        await self._update_presence()
+        await self.send_frame(self._reply("unsubscribed", request, **self._topic_fields(topic.pk, topic.slug)))
+
+    async def _route_topic(self, outbox: Outbox, topic_id: int, slug: str) -> bool:
+        """Route the topic to this socket (once: the own request and the event from the hub may
+        race); True if this call routed it. ``positions`` then has where it started reading."""
+        async with self.routing:
+            offset = await self.hub.follow(outbox, topic_id, slug)
+            if offset is None:
+                return False
+            self.positions[streams.topic_stream(topic_id)] = offset
+            return True
+
+    def _topic_fields(self, topic_id: int, slug: str, *, offset: bool = False) -> dict:
+        """``topic`` and ``stream`` of (un)subscribed frames, and for ``subscribed`` the ``offset``
+        this connection started reading the topic's stream after."""
+        stream = streams.topic_stream(topic_id)
+        fields: dict = {"topic": slug, "stream": stream}
+        if offset and stream in self.positions:
+            fields["offset"] = self.positions[stream]
+        return fields
 
     async def handle_mark_read(self, request):
         count = await self._mark_read(request.ids, request.id)
@@ -224,12 +269,12 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         op = event.get("op")
         if op == "frame":
             outbox.put(event["frame"])
-        elif op in ("follow", "unfollow"):
+        elif op == "follow":
+            asyncio.get_running_loop().create_task(self._followed_elsewhere(outbox, event["topic_id"], event["topic"]))
+        elif op == "unfollow":
             topic_id, slug = event["topic_id"], event["topic"]
-            route = self.hub.follow if op == "follow" else self.hub.unfollow
-            if route(outbox, topic_id, slug) and slug not in self.own_topic_requests:
-                kind = "subscribed" if op == "follow" else "unsubscribed"
-                outbox.put(protocol.encode({"type": kind, "topic": slug}))
+            if self.hub.unfollow(outbox, topic_id) and slug not in self.own_topic_requests:
+                outbox.put(protocol.encode({"type": "unsubscribed", **self._topic_fields(topic_id, slug)}))
                 outbox.put(self._update_presence)
         elif op == "close":
             if event.get("token_id") is not None and event["token_id"] != self.scope.get("auth_token_id"):
@@ -241,19 +286,32 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             error = event.get("error") or protocol.DISCONNECTED
             self.queue_close(event["code"], event["reason"], error=(error, event["reason"]))
 
+    async def _followed_elsewhere(self, outbox: Outbox, topic_id: int, slug: str) -> None:
+        """The user followed a topic from another connection or the REST API: read it here too."""
+        try:
+            routed = await self._route_topic(outbox, topic_id, slug)
+        except Exception as exc:  # the group cannot be joined now: the next connect reads the topic
+            store_failures.failure("cannot route a followed topic to a connection", exc)
+            return
+        if routed and slug not in self.own_topic_requests:
+            outbox.put(protocol.encode({"type": "subscribed", **self._topic_fields(topic_id, slug, offset=True)}))
+            outbox.put(self._update_presence)
+
     def stream_topic_event(self, outbox: Outbox, event: dict) -> None:
-        """A topic routed to this socket was renamed (the socket follows it under its new slug)
-        or deleted (the socket no longer follows it); the client hears it as an ``unsubscribed``
-        frame for the old slug, then, for a rename, a ``subscribed`` frame for the new one."""
+        """A topic routed to this socket was renamed (the socket follows it under its new slug: its
+        stream is the same) or deleted (the socket no longer follows it); the client hears an
+        ``unsubscribed`` frame for the old slug, then, for a rename, a ``subscribed`` frame for the new."""
         topic_id, op = event["topic_id"], event["op"]
         old_slug = outbox.topics.get(topic_id)
         if old_slug is None:
             return
-        self.hub.unfollow(outbox, topic_id)
-        outbox.put(protocol.encode({"type": "unsubscribed", "topic": old_slug}))
+        outbox.put(protocol.encode({"type": "unsubscribed", **self._topic_fields(topic_id, old_slug)}))
         if op == "renamed":
-            self.hub.follow(outbox, topic_id, event["topic"])
-            outbox.put(protocol.encode({"type": "subscribed", "topic": event["topic"]}))
+            outbox.topics[topic_id] = event["topic"]
+            outbox.put(protocol.encode({"type": "subscribed", **self._topic_fields(topic_id, event["topic"],
+                                                                                   offset=True)}))
+        else:
+            self.hub.unfollow(outbox, topic_id)
         outbox.put(self._update_presence)
 
     def close_replaced(self) -> None:
@@ -274,59 +332,50 @@ class NotificationConsumer(AsyncWebsocketConsumer):
 
     # Resume
 
-    async def _resume(self, since: int, *, epoch: str | None, request_id):
-        """A ``resume`` frame: replay what this connection has not seen after ``since``."""
+    async def _resume(self, since: dict[str, int], *, epoch: str | None, request_id):
+        """A ``resume`` frame: replay what this connection has not seen after ``since`` (up to where
+        it started reading each stream; later notifications it has had live)."""
         if self.resumed:
             raise ProtocolError(protocol.INVALID, "This connection has already resumed.", request_id)
         self.resumed = True
-        self.outbox.replaying = True
-        live_after, live_through = self.registered_cursor, self.outbox.last_id
-        outcome = await self._replay(since, epoch)
-        self._finish_resume(outcome, live_after=live_after, live_through=live_through, request_id=request_id)
+        self.outbox.holding = True
+        # Delivered up to here (and counted by the client); later live frames are held and add one each.
+        delivered = {stream: self.hub.position(stream, default) for stream, default in self.positions.items()}
+        outcome = await self._replay(since, epoch, count_through=delivered)
+        self._finish_resume(outcome, request_id=request_id, cursor=delivered)
 
-    def _finish_resume(self, outcome: dict, *, live_after: int, live_through: int, request_id) -> None:
-        """Queue the replayed notifications (minus those delivered live in ``live_after..live_through``),
-        release the live ones held meanwhile, then ``resumed`` and the unread count."""
+    def _finish_resume(self, outcome: dict, *, request_id, cursor: dict[str, int] | None = None) -> None:
+        """Queue the replayed notifications, then ``resumed`` (with the connection's cursor) and the
+        unread count, then the live notifications held meanwhile."""
         outbox = self.outbox
         metrics.resumed(outcome)
-        replayed_through = live_through
+        # Where the client is once this is sent: where the connection started reading, or (a
+        # resume frame) what it has had live since.
+        cursor = dict(cursor or self.positions)
         if outcome["recovered"]:
-            for notification in outcome.pop("rows"):
-                if live_after < notification.id <= live_through:
-                    continue  # already delivered live on this connection
-                payload = protocol.notification_payload(notification, is_read=notification.is_read)
-                outbox.put(protocol.encode({"type": "notification", **payload}))
-                replayed_through = max(replayed_through, notification.id)
-        outbox.release(replayed_through)
+            rows = outcome.pop("rows")
+            for notification in rows:
+                outbox.put(protocol.encode(protocol.notification_frame(notification, is_read=notification.is_read)))
+            skip = outcome.pop("skip")
+            outbox.skip = skip or None
+            cursor = resume.cursor_after(cursor, rows) | {k: v for k, v in skip.items()}
         unread = outcome.pop("unread_count")
-        resumed = {"type": "resumed", **outcome, "cursor": outbox.last_id}
+        resumed = {"type": "resumed", **outcome, "cursor": cursor}
         if request_id is not None:
             resumed["id"] = request_id
         outbox.put(protocol.encode(resumed))
         outbox.put(protocol.encode({"type": "unread_count", "count": unread}))
+        outbox.release()  # the live frames held meanwhile: all after the cursor in `resumed`
 
     @database_sync_to_async
-    def _replay(self, since: int, epoch: str | None, *, hello_through: int | None = None) -> dict:
-        outcome = self._replay_outcome(since, epoch) | {"unread_count": selectors.unread_count_for(self.user)}
-        if hello_through is not None:
-            outcome["hello_unread_count"] = selectors.unread_count_for(self.user, through=hello_through)
-        return outcome
-
-    def _replay_outcome(self, since: int, epoch: str | None) -> dict:
-        options = settings.NOTIFICATIONS
-        current_epoch = selectors.stream_epoch()
-        if epoch is not None and epoch != current_epoch:
-            return {"recovered": False, "reason": "epoch_changed", "count": 0}
-        if since > selectors.stream_head():
-            return {"recovered": False, "reason": "cursor_ahead", "count": 0}
-        rows = selectors.replay_for(self.user, since=since, limit=options["REPLAY_MAX_COUNT"] + 1)
-        # Judged by this user's own stream: the age of someone else's notification is not theirs to learn.
-        oldest_allowed = timezone.now() - timedelta(seconds=options["REPLAY_MAX_AGE"])
-        if rows and rows[0].created_at < oldest_allowed:
-            return {"recovered": False, "reason": "too_old", "count": 0}
-        if len(rows) > options["REPLAY_MAX_COUNT"]:
-            return {"recovered": False, "reason": "too_many", "count": 0}
-        return {"recovered": True, "count": len(rows), "rows": rows}
+    def _replay(self, since: dict[str, int], epoch: str | None, *, count_through: dict[str, int] | None = None,
+                with_hello_count: bool = False) -> dict:
+        result = resume.outcome(self.user, since, epoch, self.positions)
+        # Up to what the client has had (the live frames held meanwhile follow `resumed` and add one each).
+        result["unread_count"] = selectors.unread_count_for(self.user, through=count_through or self.positions)
+        if with_hello_count:
+            result["hello_unread_count"] = result["unread_count"]
+        return result
 
     # Helpers
 
@@ -358,10 +407,10 @@ class NotificationConsumer(AsyncWebsocketConsumer):
 
     @database_sync_to_async
     def _initial_state(self, user) -> tuple[dict[int, str], str]:
-        return selectors.followed_topics(user), selectors.stream_epoch()
+        return selectors.followed_topics(user), selectors.store_epoch()
 
     @database_sync_to_async
-    def _unread_count(self, through: int) -> int:
+    def _unread_count(self, through: dict[str, int]) -> int:
         return selectors.unread_count_for(self.user, through=through)
 
     def _topic(self, slug: str, request_id) -> Topic:
@@ -415,7 +464,7 @@ class TokenBucket:
         return False
 
 
-def _resume_request(query: dict) -> int | None:
+def _resume_request(query: dict) -> dict[str, int] | None:
     """``?since=<cursor>`` in the URL asks for a resume before any live frame."""
     if "since" not in query:
         return None

@@ -1,203 +1,76 @@
-"""The per-process hub: one channel-layer channel per server process, fanned out locally.
+"""The per-process hub: one channel-layer channel per server process, joined to the groups of the
+streams its local sockets read, fanned out locally.
 
-Every push goes to the channel-layer group ``stream``, which has one member per server
-process: the hub's channel. The hub receives each message once, and hands the same
-pre-encoded frame to the outbox of every local socket in its audience. The channel
-layer (Redis across processes and machines) carries one copy per process, not one per
-socket, and no socket's channel can fill up or expire.
+A stream's group (``u.<user id>``, ``t.<topic id>``, ``b``; ``notifications.streams``) has as
+members the channels of the processes that have a local socket reading it, so a send reaches
+only the processes where a recipient is connected. The hub receives each message once and
+hands the same pre-encoded frame to the outbox of every local socket of the stream
+(``notifications.outbox``). Its parts:
 
-Ordering and gaps: notification ids are gap-free and committed in id order (see
-``models.Stream``), so the hub knows which id comes next. It delivers in id order;
-a message that arrives early waits briefly for the missing ones, which are then read
-from the database. A message lost on the way (Redis restarted, a send that failed) is
-found the same way, by a periodic look at the stream head. So every connected socket
-receives every notification of its audience exactly once, in order, unless its own
-outbox overflows (then it is closed with 4008 and resumes).
+- ``Registry`` (``notifications.registry``): the local sockets and the streams each reads;
+- ``Sequencer`` (``notifications.sequencer``): each stream's offsets in order, once, gaps and
+  lost pushes read from the store;
+- here: joining a stream's group when its first local socket comes (then reading its head),
+  leaving it ``LEAVE_AFTER`` seconds after its last one went (a reconnecting client finds it
+  still joined), renewing every membership well before channels-redis' ``group_expiry``, and
+  every ``HUB_SYNC_INTERVAL`` comparing the heads of the streams it reads with what it
+  delivered.
 """
 
 import asyncio
 import logging
 import time
 import weakref
-from collections import deque
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from . import metrics, protocol, selectors
+from . import metrics, protocol, selectors, streams
+from .outbox import Outbox
+from .registry import Registry
+from .sequencer import Sequencer
 from .throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
 failures = ThrottledLog(logger)
 
-STREAM_GROUP = "stream"
-
-
-class Outbox:
-    """One socket's bounded queue of outgoing frames, written by its own task in order.
-
-    ``topics`` maps the id of each topic routed to this socket to its slug (routing is by id: a
-    topic deleted and created again under the same slug is another topic).
-    ``last_id`` is the newest notification id accepted for this socket: the socket's cursor.
-    While ``replaying`` (a resume is reading the store), live notifications wait in
-    ``held`` and are released, minus the ones the replay already sent, afterwards.
-    """
-
-    def __init__(self, consumer, *, user_id: int, topics, max_frames: int):
-        self.consumer = consumer
-        self.user_id = user_id
-        self.topics: dict[int, str] = dict(topics)
-        self.max_frames = max_frames
-        self.last_id = 0
-        self.replaying = False
-        self.held: list[tuple[int, str]] = []
-        self.queue: deque = deque()
-        self.closed = False
-        self.opened_at = time.monotonic()
-        self._wakeup: asyncio.Future | None = None
-        self.task = asyncio.get_running_loop().create_task(self._write())
-
-    def offer(self, notification_id: int, frame: str) -> None:
-        """Queue a notification frame unless this socket already has it."""
-        if self.closed or notification_id <= self.last_id:
-            return
-        if self.replaying:
-            self.held.append((notification_id, frame))
-            if len(self.held) > self.max_frames:
-                self.overflow()
-            return
-        self.last_id = notification_id
-        self.put(frame)
-
-    def put(self, item) -> None:
-        """Queue a frame (str) or a coroutine function to run in order with the frames.
-
-        A frame for an idle socket (writer parked, nothing queued) is written at once, in the
-        caller's step: waking a task per socket per notification cost about a third of a
-        broadcast's CPU (docs/performance.md). If that write has to wait (the transport is
-        full), the writer task finishes it before anything queued after it."""
-        if self.closed:
-            return
-        wakeup = self._wakeup
-        if type(item) is str and not self.queue and wakeup is not None and not wakeup.done():
-            send = self.consumer.send(text_data=item)
-            try:
-                pending = send.send(None)
-            except StopIteration:
-                return
-            except Exception:  # the connection is gone; its disconnect unregisters it
-                self.closed = True
-                return
-            item = _Resumed(send, pending)
-        self.queue.append(item)
-        if len(self.queue) > self.max_frames:
-            self.overflow()
-            return
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
-
-    def release(self, replayed_through: int) -> None:
-        """End a replay: the store was read through ``replayed_through``; send what was held."""
-        self.last_id = max(self.last_id, replayed_through)
-        self.replaying = False
-        held, self.held = self.held, []
-        for notification_id, frame in held:
-            self.offer(notification_id, frame)
-
-    def overflow(self) -> None:
-        """The client does not read fast enough: close it (4008) so it reconnects and resumes."""
-        if self.closed:
-            return
-        self.closed = True
-        self.queue.clear()
-        self.held.clear()
-        metrics.slow_consumer()
-        logger.warning("closing slow connection of user %s: more than %d frames queued", self.user_id,
-                       self.max_frames)
-        self.task.cancel()
-        asyncio.get_running_loop().create_task(
-            self.consumer.close(code=protocol.CLOSE_SLOW_CONSUMER, reason="slow consumer")
-        )
-
-    def stop(self) -> None:
-        self.closed = True
-        self.task.cancel()
-
-    async def _write(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while self.queue:
-                item = self.queue.popleft()
-                if type(item) is str:
-                    await self.consumer.send(text_data=item)
-                elif type(item) is _Resumed:
-                    await item
-                else:
-                    await item()
-            self._wakeup = loop.create_future()
-            await self._wakeup
-
-
-class _Resumed:
-    """A send started by ``Outbox.put`` that had to wait: awaiting this finishes it, waiting
-    for each future it waits for, as if it had been awaited from the start."""
-
-    __slots__ = ("coro", "pending")
-
-    def __init__(self, coro, pending):
-        self.coro, self.pending = coro, pending
-
-    def __await__(self):
-        pending = self.pending
-        while True:
-            try:
-                yield pending
-            except BaseException as exc:  # cancelled (the socket closes): let the send clean up
-                try:
-                    pending = self.coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-                continue
-            try:
-                pending = self.coro.send(None)
-            except StopIteration as stop:
-                return stop.value
+# Seconds a stream stays joined after its last local socket went.
+LEAVE_AFTER = 30.0
+# Memberships are renewed when this fraction of channels-redis' group_expiry has passed.
+RENEW_FRACTION = 0.25
+_MESSAGE_KINDS = {"u": "user", "t": "topic", "b": "broadcast"}
 
 
 class Hub:
-    """This process's single subscription to the stream, and its index of local sockets."""
+    """This process's channel, its joined streams and its index of local sockets."""
 
     def __init__(self, layer):
         self.layer = layer
         self.channel: str | None = None
-        self.next_id = 1
         self.epoch = ""
-        self.pending: dict[int, dict] = {}
-        self.by_user: dict[int, set[Outbox]] = {}
-        self.by_topic: dict[int, set[Outbox]] = {}
-        self.everyone: set[Outbox] = set()
+        self.registry = Registry()
+        options = settings.NOTIFICATIONS
+        self.sequencer = Sequencer(self._deliver, self._read, gap_wait=options["HUB_GAP_WAIT"])
+        self.sync_interval = options["HUB_SYNC_INTERVAL"]
+        self.joining: dict[str, asyncio.Task] = {}  # a stream's join: group_add, then its head
+        self.leaving: dict[str, asyncio.Task] = {}
+        self.idle_since: dict[str, float] = {}  # joined streams with no local socket
         self.started: asyncio.Future | None = None
         self.tasks: list[asyncio.Task] = []
         self.healthy = True
         self.last_message_at = time.monotonic()
-        options = settings.NOTIFICATIONS
-        self.gap_wait = options["HUB_GAP_WAIT"]
-        self.sync_interval = options["HUB_SYNC_INTERVAL"]
-        self._fill_lock = asyncio.Lock()
-        self._gap_timer: asyncio.TimerHandle | None = None
+        self.last_renewal = time.monotonic()
 
     # Lifecycle
 
     async def start(self) -> None:
-        """Subscribe this process to the stream (once; concurrent callers wait for the first)."""
+        """Create this process's channel (once; concurrent callers wait for the first)."""
         if self.started is None:
             self.started = asyncio.get_running_loop().create_future()
             try:
                 self.channel = await self.layer.new_channel()
-                await self.layer.group_add(STREAM_GROUP, self.channel)
-                head, self.epoch = await database_sync_to_async(selectors.stream_state)()
-                self.next_id = head + 1
+                self.epoch = await database_sync_to_async(selectors.store_epoch)()
             except BaseException as exc:
                 self.started.set_exception(exc)
                 self.started.exception()  # retrieved: later callers re-raise it themselves
@@ -208,52 +81,143 @@ class Hub:
             self.started.set_result(None)
         await self.started
 
+    async def stop(self) -> None:
+        """Leave every group and stop receiving (the process is shutting down)."""
+        for task in self.tasks:
+            task.cancel()
+        if self.channel is not None:
+            joined = [s for s in self.sequencer.streams if s not in self.leaving]
+            await asyncio.gather(*(self.layer.group_discard(s, self.channel) for s in joined), return_exceptions=True)
+
     # Local sockets
 
-    def register(self, outbox: Outbox) -> int:
-        """Start delivering to ``outbox``; return the cursor it starts after."""
-        self.everyone.add(outbox)
-        self.by_user.setdefault(outbox.user_id, set()).add(outbox)
-        for topic_id in outbox.topics:
-            self.by_topic.setdefault(topic_id, set()).add(outbox)
-        cursor = self.next_id - 1
-        if not outbox.replaying:
-            outbox.last_id = cursor
-        return cursor
+    async def register(self, outbox: Outbox) -> dict[str, int]:
+        """Start delivering to ``outbox``; return, for each stream it reads, the offset it starts after.
+
+        Live frames reach the outbox from this call on (hold them with ``outbox.holding``)."""
+        self.registry.add(outbox)
+        return await self._positions(outbox, outbox.streams())
 
     def unregister(self, outbox: Outbox) -> None:
         outbox.stop()
-        self.everyone.discard(outbox)
-        _discard(self.by_user, outbox.user_id, outbox)
-        for topic_id in outbox.topics:
-            _discard(self.by_topic, topic_id, outbox)
+        for stream in self.registry.remove(outbox):
+            self.idle_since[stream] = time.monotonic()
 
-    def follow(self, outbox: Outbox, topic_id: int, slug: str) -> bool:
-        """Route the topic to this socket; False if it already was."""
+    async def follow(self, outbox: Outbox, topic_id: int, slug: str) -> int | None:
+        """Route the topic to this socket; return the offset it starts after (None: already routed,
+        or the socket is gone). The stream is joined first, then routed: the socket gets nothing
+        of it before the caller hears the offset."""
         if topic_id in outbox.topics:
-            return False
+            return None
+        stream = streams.topic_stream(topic_id)
+        self.idle_since.pop(stream, None)
+        if not self.sequencer.is_ready(stream) or stream in self.leaving:
+            await self._join([stream])
+        if topic_id in outbox.topics or outbox not in self.registry.everyone:
+            if not self.registry.readers(stream):
+                self.idle_since.setdefault(stream, time.monotonic())  # left later, as any unused stream
+            return None  # routed meanwhile, or the connection closed while the group was joined
         outbox.topics[topic_id] = slug
-        self.by_topic.setdefault(topic_id, set()).add(outbox)
-        return True
+        self.registry.route(outbox, stream)
+        return self.sequencer.position(stream)
 
-    def unfollow(self, outbox: Outbox, topic_id: int, slug: str = "") -> bool:
-        if topic_id not in outbox.topics:
+    def unfollow(self, outbox: Outbox, topic_id: int) -> bool:
+        if outbox.topics.pop(topic_id, None) is None:
             return False
-        del outbox.topics[topic_id]
-        _discard(self.by_topic, topic_id, outbox)
+        stream = streams.topic_stream(topic_id)
+        if self.registry.unroute(outbox, stream):
+            self.idle_since[stream] = time.monotonic()
         return True
 
-    def topic_sockets(self, topic_id: int) -> list[Outbox]:
-        """The local sockets the topic is routed to."""
-        return list(self.by_topic.get(topic_id, ()))
+    def position(self, stream: str, default: int) -> int:
+        """The last offset of the stream handed to local sockets (``default`` if not read here)."""
+        return self.sequencer.position(stream) if self.sequencer.is_ready(stream) else default
 
     def connection_count(self) -> int:
-        return len(self.everyone)
+        return len(self.registry.everyone)
 
     def oldest_over_limit(self, user_id: int, limit: int) -> list[Outbox]:
-        """The user's oldest local connections beyond ``limit`` (to be closed for the newest)."""
-        mine = sorted(self.by_user.get(user_id, ()), key=lambda outbox: outbox.opened_at)
-        return mine[: max(0, len(mine) - limit)]
+        return self.registry.oldest_over_limit(user_id, limit)
+
+    async def _positions(self, outbox: Outbox, wanted: list[str]) -> dict[str, int]:
+        """The position of each stream for a socket just routed to it (joining the streams not joined)."""
+        positions = {}
+        waiting = []
+        for stream in wanted:
+            self.idle_since.pop(stream, None)
+            if self.sequencer.is_ready(stream) and stream not in self.leaving:
+                positions[stream] = self.sequencer.position(stream)  # before any await: nothing missed
+            else:
+                waiting.append(stream)
+        if waiting:
+            heads = await self._join(waiting)
+            # The head read at the join: what arrived after it was handed to this socket (routed
+            # before the join), so it starts there, not at the position after that hand-off.
+            positions.update(heads)
+        return positions
+
+    # Joining and leaving groups
+
+    async def _join(self, wanted: list[str]) -> dict[str, int]:
+        """Join the streams' groups (once each, however many sockets ask), then read their heads;
+        return the head of each (a stream that became ready meanwhile: its position)."""
+        new = [s for s in wanted if s not in self.joining and not self.sequencer.is_ready(s)]
+        if new:
+            task = asyncio.get_running_loop().create_task(self._join_now(new))
+            for stream in new:
+                self.joining[stream] = task
+        heads: dict[str, int] = {}
+        for result in await asyncio.gather(*{self.joining[s] for s in wanted if s in self.joining}):
+            heads.update(result)
+        return {s: heads[s] if s in heads else self.sequencer.position(s) for s in wanted}
+
+    async def _join_now(self, new: list[str]) -> dict[str, int]:
+        try:
+            for stream in new:
+                self.sequencer.open(stream)  # keep what arrives from now on
+            await asyncio.gather(*(self._rejoin(s) for s in new))
+            # Every commit after this read is pushed after the group_add above: it arrives here.
+            heads = await database_sync_to_async(streams.heads)(new)
+            for stream in new:
+                self.sequencer.ready(stream, heads[stream])
+            return heads
+        except BaseException:
+            for stream in new:
+                if not self.sequencer.is_ready(stream):
+                    self.sequencer.close(stream)
+            raise
+        finally:
+            for stream in new:
+                self.joining.pop(stream, None)
+
+    async def _rejoin(self, stream: str) -> None:
+        leaving = self.leaving.get(stream)
+        if leaving is not None:
+            await asyncio.gather(leaving, return_exceptions=True)  # in order: the discard, then this add
+        await self.layer.group_add(stream, self.channel)
+
+    def _leave_idle(self) -> None:
+        deadline = time.monotonic() - LEAVE_AFTER
+        for stream, since in list(self.idle_since.items()):
+            if since <= deadline and not self.registry.readers(stream) and stream not in self.joining:
+                del self.idle_since[stream]
+                self.sequencer.close(stream)
+                self.leaving[stream] = asyncio.get_running_loop().create_task(self._discard(stream))
+
+    async def _discard(self, stream: str) -> None:
+        try:
+            await self.layer.group_discard(stream, self.channel)
+        except Exception as exc:  # it expires after group_expiry anyway
+            failures.failure("hub could not leave a group", exc)
+        finally:
+            self.leaving.pop(stream, None)
+
+    async def _renew(self) -> None:
+        """Add this channel to every joined group again, long before channels-redis forgets it
+        (``group_expiry``), so a long-lived socket never silently stops receiving; a process
+        that dies stops renewing, and its memberships expire."""
+        for stream in [s for s in self.sequencer.streams if s not in self.leaving]:
+            await self.layer.group_add(stream, self.channel)
 
     # Receiving
 
@@ -274,168 +238,116 @@ class Hub:
             backoff = 0.1
             self.last_message_at = time.monotonic()
             try:
-                await self.dispatch(message)
+                self.dispatch(message)
             except Exception:
                 logger.exception("hub failed to dispatch a %s message", message.get("type"))
 
     async def _resubscribe(self) -> None:
-        """After a channel-layer failure: join the stream again, then read what was missed."""
+        """After a channel-layer failure: join every group again, then read what was missed."""
         try:
-            await self.layer.group_add(STREAM_GROUP, self.channel)
+            await self._renew()
         except Exception:
             return
         if not self.healthy:
             failures.recovered("channel layer receive failed, retrying")
             self.healthy = True
-        await self.fill_from_store()
+        await self.check_streams(fill_all=True)
+
+    def dispatch(self, message: dict) -> None:
+        kind = message.get("type")
+        if kind == "stream.notification":
+            metrics.hub_message(_MESSAGE_KINDS.get(message["stream"][:1], "control"))
+            self.sequencer.accept(message)
+        elif kind == "stream.user":
+            metrics.hub_message("control")
+            self._to_user(message)
+        elif kind == "stream.topic":
+            metrics.hub_message("control")
+            self._to_topic(message)
+        else:
+            logger.warning("hub ignored a message of type %r", kind)
+
+    def _deliver(self, message: dict) -> None:
+        stream, offset, frame = message["stream"], message["offset"], message["frame"]
+        readers = self.registry.readers(stream)
+        for outbox in list(readers):
+            outbox.offer(stream, offset, frame)
+        metrics.delivered(len(readers), message.get("t"), time.time())  # one call per notification
+
+    def _to_user(self, message: dict) -> None:
+        readers = self.registry.of_user(message["user"])
+        metrics.user_event(len(readers))
+        for outbox in list(readers):
+            outbox.consumer.stream_user_event(outbox, message)
+
+    def _to_topic(self, message: dict) -> None:
+        """A topic was renamed or deleted: every local socket it is routed to applies the change."""
+        for outbox in list(self.registry.readers(streams.topic_stream(message["topic_id"]))):
+            outbox.consumer.stream_topic_event(outbox, message)
+
+    async def _read(self, stream: str, first: int, last: int) -> list[dict]:
+        return await database_sync_to_async(selectors.stream_messages)(stream, first, last)
+
+    # The periodic check
 
     async def _sync(self) -> None:
-        """Every ``sync_interval``: renew the group membership (channels-redis expires it) and
-        look at the stream head, to find notifications whose push was lost."""
-        seen_head = None
-        renew_every = max(1, int(getattr(self.layer, "group_expiry", 86400) / 2 / self.sync_interval))
-        ticks = 0
+        """Every ``sync_interval``: compare the heads of the joined streams with what was delivered
+        (finding lost pushes, and a replaced store), leave idle streams, renew memberships."""
+        renew_every = float(getattr(self.layer, "group_expiry", 86400)) * RENEW_FRACTION
         while True:
             await asyncio.sleep(self.sync_interval)
-            ticks += 1
+            self._leave_idle()
             try:
-                if ticks % renew_every == 0:
-                    await self.layer.group_add(STREAM_GROUP, self.channel)
-                # Delivered before the query: committed before it, so head >= this. (Messages
-                # delivered while the query runs may be newer than the head it reads.)
-                delivered_through = self.next_id - 1
-                head, epoch = await database_sync_to_async(selectors.stream_state)()
+                if time.monotonic() - self.last_renewal >= renew_every:
+                    await self._renew()
+                    self.last_renewal = time.monotonic()
+                await self.check_streams()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures.failure("hub sync with the store failed", exc)
                 continue
             failures.recovered("hub sync with the store failed")
-            if not self.epoch:
-                self.epoch = epoch  # the stream row did not exist yet when this hub started
-            if epoch != self.epoch or head < delivered_through:
-                self.reset(head, epoch)
-                seen_head = None
-                continue
-            # A head seen one interval ago that is still not delivered was lost on the way.
-            if seen_head is not None and seen_head >= self.next_id:
-                await self.fill_from_store(through=seen_head)
-            seen_head = head if head >= self.next_id else None
 
-    async def dispatch(self, message: dict) -> None:
-        kind = message.get("type")
-        if kind == "stream.notification":
-            self._sequence(message)
-        elif kind == "stream.user":
-            self._to_user(message)
-        elif kind == "stream.topic":
-            self._to_topic(message)
-        else:
-            logger.warning("hub ignored a message of type %r", kind)
-
-    def _sequence(self, message: dict) -> None:
-        notification_id = message["id"]
-        if notification_id < self.next_id:
-            return  # already delivered (from the store, or a duplicate)
-        self.pending[notification_id] = message
-        self._drain()
-        if self.pending and self._gap_timer is None:
-            loop = asyncio.get_running_loop()
-            self._gap_timer = loop.call_later(self.gap_wait, lambda: loop.create_task(self._fill_gap()))
-
-    def _drain(self) -> None:
-        while self.next_id in self.pending:
-            self._deliver(self.pending.pop(self.next_id))
-            self.next_id += 1
-
-    async def _fill_gap(self) -> None:
-        self._gap_timer = None
-        if self.pending:
-            await self.fill_from_store(through=max(self.pending) - 1)
-
-    async def fill_from_store(self, through: int | None = None) -> None:
-        """Deliver, in order, the notifications up to ``through`` (default: the head) that never arrived.
-
-        If the store cannot be read, nothing is skipped: the next sync or gap tries again."""
-        async with self._fill_lock:
-            try:
-                if through is None:
-                    through = await database_sync_to_async(selectors.stream_head)()
-                if through < self.next_id:
-                    return
-                rows = await database_sync_to_async(selectors.stream_messages)(self.next_id, through)
-            except Exception as exc:
-                failures.failure("hub could not read missed notifications from the store", exc)
+    async def check_streams(self, *, fill_all: bool = False) -> None:
+        """Read the heads of the ready streams (after taking their positions) and act on them."""
+        before = {s: self.sequencer.position(s) for s in self.sequencer.streams if self.sequencer.is_ready(s)}
+        epoch, heads = await database_sync_to_async(selectors.store_heads)(list(before))
+        if self.epoch and epoch != self.epoch:
+            self.reset(epoch, heads)
+            return
+        self.epoch = epoch
+        for stream, delivered in before.items():
+            if not self.sequencer.is_ready(stream):
+                continue  # left meanwhile
+            verdict = self.sequencer.check(stream, heads[stream], delivered)
+            if verdict == "reset":
+                self.reset(epoch, heads)
                 return
-            failures.recovered("hub could not read missed notifications from the store")
-            logger.info("hub read %d notification(s) %d..%d from the store", len(rows), self.next_id, through)
-            metrics.store_read(len(rows))
-            for message in rows:
-                if message["id"] >= self.next_id:
-                    self.pending.setdefault(message["id"], message)
-            # Ids with no row were deleted (cascade): nothing to deliver, skip them.
-            while self.next_id <= through:
-                if self.next_id in self.pending:
-                    self._deliver(self.pending.pop(self.next_id))
-                self.next_id += 1
-            self._drain()
+            if verdict == "lost":
+                # Lost on the way: perhaps the group's Redis (shard) restarted empty and forgot this
+                # process; join again (it is idempotent), so what follows arrives live again.
+                await self.layer.group_add(stream, self.channel)
+            if verdict == "lost" or (fill_all and heads[stream] > self.sequencer.position(stream)):
+                await self.sequencer.fill(stream, heads[stream])
 
-    def _deliver(self, message: dict) -> None:
-        audience, _, key = message["group"].partition(".")
-        if audience == "user":
-            targets = self.by_user.get(int(key), ())
-        elif audience == "topic":
-            # By the topic's id; a slug (a message from a process of an older version) routes nowhere.
-            targets = self.by_topic.get(int(key), ()) if key.isdigit() else ()
-        else:
-            targets = self.everyone
-        notification_id, frame = message["id"], message["frame"]
-        for outbox in list(targets):
-            outbox.offer(notification_id, frame)
-        metrics.delivered(len(targets), message.get("t"), time.time())  # one call per notification
-
-    def reset(self, head: int, epoch: str) -> None:
+    def reset(self, epoch: str, heads: dict[str, int]) -> None:
         """The store was replaced or went back (a restore, a failover that lost commits): cursors
-        no longer match it. Start over from its head and close every local connection (4012) so
-        each client reconnects and resumes (and learns that it must reload)."""
-        logger.warning("the notification stream was reset (epoch %s -> %s, head %d, expected %d); "
-                       "closing %d connection(s)", self.epoch, epoch, head, self.next_id - 1, len(self.everyone))
-        self.epoch, self.next_id = epoch, head + 1
-        self.pending.clear()
-        for outbox in list(self.everyone):
+        no longer match it. Continue each stream after its head and close every local connection
+        (4012) so each client reconnects and resumes (and learns that it must reload)."""
+        logger.warning("the notification store was reset (epoch %s -> %s); closing %d connection(s)",
+                       self.epoch, epoch, len(self.registry.everyone))
+        self.epoch = epoch
+        self.sequencer.restart(heads)
+        for outbox in list(self.registry.everyone):
             outbox.consumer.queue_close(protocol.CLOSE_STREAM_RESET, "stream reset: reconnect and resume")
-
-    def _to_user(self, message: dict) -> None:
-        metrics.user_event(len(self.by_user.get(message["user"], ())))
-        for outbox in list(self.by_user.get(message["user"], ())):
-            outbox.consumer.stream_user_event(outbox, message)
-
-    def _to_topic(self, message: dict) -> None:
-        """A topic was renamed or deleted: every local socket it is routed to applies the change."""
-        for outbox in self.topic_sockets(message["topic_id"]):
-            outbox.consumer.stream_topic_event(outbox, message)
-
-    async def stop(self) -> None:
-        """Leave the stream and stop receiving (the process is shutting down)."""
-        for task in self.tasks:
-            task.cancel()
-        if self.channel is not None:
-            await self.layer.group_discard(STREAM_GROUP, self.channel)
-
-
-def _discard(index: dict, key, outbox: Outbox) -> None:
-    members = index.get(key)
-    if members is not None:
-        members.discard(outbox)
-        if not members:
-            del index[key]
 
 
 _hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub]" = weakref.WeakKeyDictionary()
 
 
 async def get_hub() -> Hub:
-    """This event loop's hub, started (subscribed to the stream)."""
+    """This event loop's hub, started."""
     loop = asyncio.get_running_loop()
     layer = get_channel_layer()
     hub = _hubs.get(loop)

@@ -64,11 +64,17 @@ OVER_CAPACITY = Counter("notifications_channel_layer_over_capacity",
                         "Channel-layer messages channels-redis dropped because a channel was over capacity.")
 PUSH_FAILURES = Counter("notifications_push_failures",
                         "Pushes that failed to reach the channel layer (stored; the hubs read them from the store).")
+HUB_MESSAGES = Counter("notifications_hub_messages_received",
+                       "Channel-layer messages this process's hub received, by kind: user, topic, broadcast "
+                       "(notifications of that audience) or control (follows, closes, read state). A process "
+                       "receives only the audiences of its own sockets.", ["kind"])
+_HUB_MESSAGE_KINDS = {kind: HUB_MESSAGES.labels(kind) for kind in ("user", "topic", "broadcast", "control")}
 STORE_READS = Counter("notifications_hub_store_reads",
                       "Notifications a hub read from the store because their push was lost, late or dropped.")
 
 # Close codes worth a label of their own; any other (a client may send any 3000-4999) is "other".
-KNOWN_CLOSE_CODES = {1000, 1001, 1005, 1006, 1011, 1012, 4001, 4003, 4005, 4008, 4009, 4012, 4013, 4029, 4400}
+KNOWN_CLOSE_CODES = {1000, 1001, 1005, 1006, 1011, 1012, 4001, 4003, 4005, 4008, 4009, 4010, 4012, 4013, 4029, 4400,
+                     4426}
 _NOTIFICATION_FRAMES = FRAMES_OUT.labels("notification")
 _USER_EVENT_FRAMES = FRAMES_OUT.labels("user_event")
 _ACCEPTED = CONNECTS.labels("accepted")
@@ -118,6 +124,11 @@ def delivered(count: int, committed_at: float | None, now: float) -> None:
 def user_event(count: int) -> None:
     if count:
         _USER_EVENT_FRAMES.inc(count)
+
+
+def hub_message(kind: str) -> None:
+    """The hub received one channel-layer message: ``user``, ``topic``, ``broadcast`` or ``control``."""
+    _HUB_MESSAGE_KINDS[kind].inc()
 
 
 def sent(audience: str) -> None:

@@ -67,33 +67,48 @@ class Follow(models.Model):
         return f"{self.user_id} follows {self.topic_id}"
 
 
-class Stream(models.Model):
-    """The single row that numbers notifications: ``head`` is the last id given out.
+class Store(models.Model):
+    """This store's identity (one row): ``epoch`` changes only if the database is replaced, so a
+    client's cursor from another store is never taken for a position in this one."""
 
-    ``notification_send`` increments it in the sending transaction, which holds its row lock
-    until commit: ids are gap-free and committed in id order, so an id is a cursor into
-    everyone's stream. ``epoch`` changes only if the database is replaced.
-    """
-
-    head = models.BigIntegerField(default=0)
     epoch = models.CharField(max_length=32)
 
     def __str__(self) -> str:
-        return f"stream {self.epoch}@{self.head}"
+        return f"store {self.epoch}"
 
 
-def ensure_stream() -> None:
-    """Create the stream row if it is missing. A migration creates it; a flushed (test)
-    database loses it, and then the stream starts over with a new epoch."""
-    if not Stream.objects.filter(pk=1).exists():
-        last = Notification.objects.order_by("-id").values_list("id", flat=True).first() or 0
-        Stream.objects.get_or_create(pk=1, defaults={"head": last, "epoch": secrets.token_hex(8)})
+class Stream(models.Model):
+    """The numbering of one audience's notifications: ``head`` is the last offset given out.
+
+    One stream per audience: ``u.<user id>`` (a user's personal notifications), ``t.<topic id>``
+    (a topic's) and ``b`` (broadcasts). ``notification_send`` increments the audience's row in
+    the sending transaction, which holds that row's lock until commit: offsets are gap-free and
+    committed in offset order within a stream, so (stream, offset) is a cursor into it. Sends to
+    different audiences never wait for each other.
+    """
+
+    key = models.CharField(max_length=40, unique=True)
+    head = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"{self.key}@{self.head}"
+
+
+def ensure_store() -> str:
+    """The store's epoch, creating the row if it is missing (a migration creates it; a flushed
+    test database loses it, and then the store starts over with a new epoch)."""
+    epoch = Store.objects.filter(pk=1).values_list("epoch", flat=True).first()
+    if epoch is None:
+        epoch = Store.objects.get_or_create(pk=1, defaults={"epoch": secrets.token_hex(8)})[0].epoch
+    return epoch
 
 
 class Notification(models.Model):
-    # Assigned from Stream.head by services.notification_send (gap-free, commit-ordered).
-    id = models.BigIntegerField(primary_key=True)
+    id = models.BigAutoField(primary_key=True)
     audience = models.CharField(max_length=10, choices=Audience.choices)
+    # The position in its audience's stream (``Stream``; ``notifications.streams``): gap-free and
+    # committed in order within the stream; ids are not (they come from a sequence).
+    offset = models.BigIntegerField()
     # Indexed by the composite (recipient, -id) and (topic, -id) indexes below.
     recipient = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -126,7 +141,14 @@ class Notification(models.Model):
                     | Q(audience="topic", recipient__isnull=True, topic__isnull=False)
                     | Q(audience="broadcast", recipient__isnull=True, topic__isnull=True)
                 ),
-            )
+            ),
+            # One notification per position of each stream; also the replay's index.
+            models.UniqueConstraint(fields=["recipient", "offset"], condition=Q(audience="user"),
+                                    name="notif_user_stream_offset"),
+            models.UniqueConstraint(fields=["topic", "offset"], condition=Q(audience="topic"),
+                                    name="notif_topic_stream_offset"),
+            models.UniqueConstraint(fields=["offset"], condition=Q(audience="broadcast"),
+                                    name="notif_broadcast_stream_offset"),
         ]
         indexes = [
             # The inbox and the unread count walk each audience newest first.

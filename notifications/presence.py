@@ -8,25 +8,46 @@ Two backends behind one interface, chosen by ``NOTIFICATIONS["PRESENCE_BACKEND"]
   the master named ``REDIS_SENTINEL_MASTER`` found through ``REDIS_SENTINELS``). Each connection is a hash
   ``<prefix>:presence:conn:<id>`` plus a member of the sorted set
   ``<prefix>:presence:alive`` scored by its last heartbeat. One task per process
-  refreshes the scores of its local connections every ``PRESENCE_TTL / 3`` seconds;
+  refreshes the scores of its local connections every ``PRESENCE_TTL / 3`` seconds (and writes
+  a record again that Redis lost, restarted empty);
   a process that dies without cleaning up stops refreshing, and its connections drop
   out of every listing after at most ``PRESENCE_TTL`` seconds.
+
+  Several servers (comma-separated ``REDIS_URL``, or several ``REDIS_SENTINEL_MASTER`` names) are
+  shards: a connection's record and its member of the alive set live on the shard its id hashes
+  to (``shard_index``), where its heartbeats and removal go; ``online()`` reads every shard, and
+  lists what the shards that answer hold (a shard that is down: its connections are missing
+  until it is back and the next heartbeat writes them again).
 """
 
 import asyncio
 import json
 import logging
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 logger = logging.getLogger(__name__)
 
-POOL_SIZE = 16  # Redis connections per process for presence writes
+POOL_SIZE = 16  # Redis connections per process and shard for presence writes
+
+
+def shard_index(connection_id: str, shards: int) -> int:
+    """The shard (0 to ``shards - 1``) that holds a connection's record: the same in every process."""
+    return zlib.crc32(connection_id.encode()) % shards if shards > 1 else 0
+
+
+def _split(value: str | Sequence[str]) -> list[str]:
+    """The non-empty entries of a comma-separated setting (or a list)."""
+    parts = value.split(",") if isinstance(value, str) else value
+    return [part.strip() for part in parts if part.strip()]
 
 
 @dataclass
@@ -79,14 +100,19 @@ class LocalPresence(BasePresence):
 
 
 class RedisPresence(BasePresence):
-    def __init__(self, url: str | None = None, prefix: str | None = None, ttl: float | None = None):
+    def __init__(self, url: str | Sequence[str] | None = None, prefix: str | None = None, ttl: float | None = None):
+        """``url``: one Redis URL, several (comma-separated, or a list: shards); default ``REDIS_URL``."""
         super().__init__()
-        self.url = url or settings.REDIS_URL
+        self.urls = _split(url or settings.REDIS_URL or "")
+        self.url = self.urls[0] if self.urls else ""
         # Sentinel wins over the URL, as for the channel layer (project.layers).
         self.sentinels = [] if url else list(getattr(settings, "REDIS_SENTINELS", []))
+        self.masters = _split(settings.REDIS_SENTINEL_MASTER) if self.sentinels else []
+        if not self.shards:
+            raise ImproperlyConfigured("RedisPresence needs REDIS_URL, or REDIS_SENTINELS and REDIS_SENTINEL_MASTER.")
         self.prefix = f"{prefix or settings.NOTIFICATIONS['REDIS_PREFIX']}:presence"
         self.ttl = ttl or settings.NOTIFICATIONS["PRESENCE_TTL"]
-        self._clients: dict[asyncio.AbstractEventLoop, object] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, list] = {}
         self._heartbeats: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
 
     @property
@@ -96,30 +122,38 @@ class RedisPresence(BasePresence):
     def conn_key(self, connection_id: str) -> str:
         return f"{self.prefix}:conn:{connection_id}"
 
-    def _client(self):
+    @property
+    def shards(self) -> int:
+        return len(self.masters) if self.sentinels else len(self.urls)
+
+    def _client(self, connection_id: str):
+        """This event loop's client of the shard that holds ``connection_id``."""
+        return self._loop_clients()[shard_index(connection_id, self.shards)]
+
+    def _loop_clients(self) -> list:
         import redis.asyncio
 
         loop = asyncio.get_running_loop()
         if loop not in self._clients:
-            self._clients[loop] = self._connect(redis.asyncio)
+            self._clients[loop] = [self._connect(redis.asyncio, i) for i in range(self.shards)]
             self._heartbeats[loop] = loop.create_task(self._heartbeat())
         return self._clients[loop]
 
-    def _connect(self, module):
-        """A client of ``module`` (``redis`` or ``redis.asyncio``) for the URL or the Sentinel master."""
+    def _connect(self, module, shard: int = 0):
+        """A client of ``module`` (``redis`` or ``redis.asyncio``) for shard ``shard``: its URL or Sentinel master."""
         if self.sentinels:
             sentinel = module.sentinel.Sentinel(self.sentinels, socket_timeout=2)
-            return sentinel.master_for(settings.REDIS_SENTINEL_MASTER, db=settings.REDIS_SENTINEL_DB,
+            return sentinel.master_for(self.masters[shard], db=settings.REDIS_SENTINEL_DB,
                                        password=settings.REDIS_SENTINEL_PASSWORD or None)
         if module.__name__ == "redis.asyncio":
             # A burst of connects or disconnects (a restart: every client at once) waits for one of
             # a few connections instead of opening hundreds, or failing with "Too many connections".
-            pool = module.BlockingConnectionPool.from_url(self.url, max_connections=POOL_SIZE, timeout=10)
+            pool = module.BlockingConnectionPool.from_url(self.urls[shard], max_connections=POOL_SIZE, timeout=10)
             return module.Redis(connection_pool=pool)
-        return module.Redis.from_url(self.url)
+        return module.Redis.from_url(self.urls[shard])
 
     async def _write(self, connection: Connection) -> None:
-        client = self._client()
+        client = self._client(connection.id)
         async with client.pipeline(transaction=False) as pipe:
             pipe.set(self.conn_key(connection.id), connection.to_json(), ex=int(self.ttl * 2))
             pipe.zadd(self.alive_key, {connection.id: time.time()})
@@ -143,7 +177,7 @@ class RedisPresence(BasePresence):
     async def remove(self, connection_id: str) -> None:
         await super().remove(connection_id)
         try:
-            client = self._client()
+            client = self._client(connection_id)
             async with client.pipeline(transaction=False) as pipe:
                 pipe.delete(self.conn_key(connection_id))
                 pipe.zrem(self.alive_key, connection_id)
@@ -157,23 +191,54 @@ class RedisPresence(BasePresence):
             await asyncio.sleep(self.ttl / 3)
             if not self.local:
                 continue
-            try:
-                client = self._client()
-                now = time.time()
-                async with client.pipeline(transaction=False) as pipe:
-                    pipe.zadd(self.alive_key, {cid: now for cid in self.local})
-                    for cid in self.local:
-                        pipe.expire(self.conn_key(cid), int(self.ttl * 2))
-                    await pipe.execute()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("presence heartbeat failed: %s: %s", type(exc).__name__, exc)
+            by_shard: dict[int, list[str]] = {}
+            for cid in self.local:
+                by_shard.setdefault(shard_index(cid, self.shards), []).append(cid)
+            # Concurrently: a shard that is down (waiting for a connection) delays no other.
+            results = await asyncio.gather(*(self._refresh(shard, ids) for shard, ids in by_shard.items()),
+                                           return_exceptions=True)
+            for result in results:
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if isinstance(result, Exception):
+                    logger.warning("presence heartbeat failed: %s: %s", type(result).__name__, result)
+
+    async def _refresh(self, shard: int, ids: list[str]) -> None:
+        """Refresh ``ids`` on their shard; write again the records it lost (a restart, empty)."""
+        client = self._loop_clients()[shard]
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.alive_key, {cid: time.time() for cid in ids})
+            for cid in ids:
+                pipe.expire(self.conn_key(cid), int(self.ttl * 2))
+            kept = (await pipe.execute())[1:]
+        lost = [self.local[cid] for cid, found in zip(ids, kept, strict=True) if not found and cid in self.local]
+        if lost:
+            async with client.pipeline(transaction=False) as pipe:
+                for connection in lost:
+                    pipe.set(self.conn_key(connection.id), connection.to_json(), ex=int(self.ttl * 2))
+                await pipe.execute()
 
     def online(self) -> list[Connection]:
+        """Every open connection on the shards that answer; raises only if none does."""
         import redis
 
-        client = self._connect(redis)
+        connections: list[Connection] = []
+        failed: list[Exception] = []
+        for shard in range(self.shards):
+            try:
+                connections += self._online(redis, shard)
+            except redis.RedisError as exc:
+                if self.shards == 1:
+                    raise
+                failed.append(exc)
+                logger.warning("presence: shard %d of %d did not answer: %s: %s", shard + 1, self.shards,
+                               type(exc).__name__, exc)
+        if failed and len(failed) == self.shards:
+            raise failed[0]
+        return sorted(connections, key=lambda c: c.since)
+
+    def _online(self, module, shard: int) -> list[Connection]:
+        client = self._connect(module, shard)
         try:
             cutoff = time.time() - self.ttl
             client.zremrangebyscore(self.alive_key, "-inf", cutoff)
@@ -181,8 +246,7 @@ class RedisPresence(BasePresence):
             values = client.mget([self.conn_key(i) for i in ids]) if ids else []
         finally:
             client.close()
-        connections = [Connection.from_json(v) for v in values if v]
-        return sorted(connections, key=lambda c: c.since)
+        return [Connection.from_json(v) for v in values if v]
 
 
 _backend: BasePresence | None = None

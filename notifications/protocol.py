@@ -9,8 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-SUBPROTOCOL = "notifications.v1"
-PROTOCOL_VERSION = 1
+from . import streams
+
+SUBPROTOCOL = "notifications.v2"
+PROTOCOL_VERSION = 2
+# Version 1 numbered every notification in one stream for everyone (an integer cursor); it is
+# not served any more: a client that offers only it gets UNSUPPORTED_PROTOCOL and close 4426.
+OLD_SUBPROTOCOLS = ("notifications.v1",)
 
 # Close codes the application sends. Only 1000 and 3000-4999 may be sent by an application
 # under Daphne (autobahn refuses the others), so the RFC 6455 meanings 1008, 1009, 1013
@@ -27,6 +32,8 @@ CLOSE_TOO_LARGE = 4009
 CLOSE_STREAM_RESET = 4012
 CLOSE_TRY_AGAIN_LATER = 4013
 CLOSE_RATE_LIMITED = 4029
+# The client speaks a protocol version this server no longer serves (HTTP's 426 Upgrade Required).
+CLOSE_UNSUPPORTED_PROTOCOL = 4426
 CLOSE_BAD_REQUEST = 4400
 
 # Limit violations (rate, topics) tolerated on one connection before it is closed with 4029.
@@ -49,6 +56,7 @@ UNAVAILABLE = "unavailable"
 RATE_LIMITED = "rate_limited"
 TOO_MANY_TOPICS = "too_many_topics"
 TOO_MANY_CONNECTIONS = "too_many_connections"
+UNSUPPORTED_PROTOCOL = "unsupported_protocol"
 
 MAX_IDS_PER_REQUEST = 100
 MAX_REQUEST_ID_LENGTH = 64
@@ -87,7 +95,7 @@ class Request:
     id: Any = None
     topic: str | None = None
     ids: tuple[int, ...] = ()
-    since: int = 0
+    since: dict[str, int] = field(default_factory=dict)
     epoch: str | None = None
 
 
@@ -140,19 +148,39 @@ def _ids(frame: dict, request_id: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
-MAX_CURSOR = 2**63 - 1
+MAX_OFFSET = 2**63 - 1
+# Streams one cursor may name: the user's own, the broadcast stream, and the topics followed.
+MAX_CURSOR_STREAMS = 1000
+CURSOR_HELP = ("'since' must be a cursor: the position in each stream, as {\"u.42\": 17, \"b\": 3} in a frame "
+               "or 'u.42:17,b:3' in the URL (hello's 'cursor', then each notification's 'stream' and 'offset').")
 
 
-def parse_cursor(value, request_id: Any = None) -> int:
-    """A resume cursor: the id of the last notification the client saw (0 for none)."""
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20:  # not "²"
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CURSOR:
-        raise ProtocolError(
-            INVALID, "'since' must be the id of the last notification received (an integer >= 0).", request_id,
-            {"since": "invalid"},
-        )
-    return value
+def parse_cursor(value, request_id: Any = None) -> dict[str, int]:
+    """A resume cursor: the offset of the last notification the client saw in each stream."""
+    if isinstance(value, str):
+        if len(value) > 40 * MAX_CURSOR_STREAMS:
+            raise ProtocolError(INVALID, CURSOR_HELP, request_id, {"since": "too long"})
+        pairs = [part.rpartition(":")[::2] for part in value.split(",") if part]
+        if any(not key for key, _ in pairs) or len({key for key, _ in pairs}) != len(pairs):
+            raise ProtocolError(INVALID, CURSOR_HELP, request_id, {"since": "invalid"})
+        value = dict(pairs)
+    if not isinstance(value, dict) or len(value) > MAX_CURSOR_STREAMS:
+        hint = " An integer is a notifications.v1 cursor." if isinstance(value, int) else ""
+        raise ProtocolError(INVALID, CURSOR_HELP + hint, request_id, {"since": "invalid"})
+    cursor = {}
+    for key, offset in value.items():
+        number = offset
+        if isinstance(offset, str) and offset.isascii() and offset.isdigit() and len(offset) < 20:  # not "²"
+            number = int(offset)
+        valid_key = isinstance(key, str) and key.isascii() and _stream_key(key)
+        if not valid_key or not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= MAX_OFFSET:
+            raise ProtocolError(INVALID, CURSOR_HELP, request_id, {"since": "invalid"})
+        cursor[key] = number
+    return cursor
+
+
+def _stream_key(key: str) -> bool:
+    return streams.parse(key) is not None
 
 
 def _resume(frame: dict, request_id: Any) -> dict:
@@ -194,9 +222,13 @@ def parse_client_frame(text: str) -> Request:
     return Request(type=kind, id=request_id, **parser(frame, request_id))
 
 
-def notification_frame(notification) -> dict[str, Any]:
-    """The pushed ``notification`` frame; identical for every recipient of a topic or broadcast."""
-    return {"type": "notification", **notification_payload(notification, is_read=False)}
+def notification_frame(notification, *, is_read: bool = False) -> dict[str, Any]:
+    """The ``notification`` frame; pushed, identical for every recipient of a topic or broadcast
+    (``is_read`` is False), and replayed on resume with the user's read state. ``stream`` and
+    ``offset`` are the notification's position: the client's cursor advances to it."""
+    payload = notification_payload(notification, is_read=is_read)
+    return {"type": "notification", **payload, "stream": streams.stream_of(notification),
+            "offset": notification.offset}
 
 
 def notification_payload(notification, *, is_read: bool) -> dict[str, Any]:

@@ -1,94 +1,56 @@
 """The only module that talks to the channel layer.
 
 Services call these functions from ``transaction.on_commit`` callbacks, so nothing is
-pushed for a transaction that rolls back. Everything goes to one group, ``stream``,
-whose members are the server processes' hubs (``notifications.hub``); each hub fans
-out to its local sockets. Messages hold only JSON-safe values (str, int, bool, None),
-so they survive msgpack on Redis. A notification frame is encoded once, here, and
-written unchanged to every socket that receives it.
+pushed for a transaction that rolls back. Each message goes to the group of its audience's
+stream (``notifications.streams``: ``u.<user id>``, ``t.<topic id>``, ``b``), which only the
+server processes with a local socket of that audience have joined (``notifications.hub``): a
+process receives what its own sockets need, and fans it out to them. Messages hold only
+JSON-safe values (str, int, bool, None), so they survive msgpack on Redis. A notification
+frame is encoded once, here, and written unchanged to every socket that receives it.
 
-A failed push is logged and swallowed: the notification is stored, and every hub
-finds it in the store (it watches the stream head), so connected clients still get it.
+A failed push is logged and swallowed (``notifications.transport``): the notification is
+stored, and every hub that serves its stream finds it in the store (it watches the heads of
+its streams), so connected clients still get it.
 """
 
-import logging
 import time
 from collections.abc import Iterable
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
-
-from . import metrics, protocol
-from .throttled_log import ThrottledLog
-
-logger = logging.getLogger(__name__)
-failures = ThrottledLog(logger)
-
-STREAM_GROUP = "stream"
-BROADCAST_GROUP = "broadcast"
-
-
-def user_group(user_id: int) -> str:
-    return f"user.{user_id}"
-
-
-def topic_group(topic_id: int) -> str:
-    """By the topic's id, never its slug: a slug can be renamed, or deleted and taken by another topic."""
-    return f"topic.{topic_id}"
-
-
-def notification_group(notification) -> str:
-    """The audience of a notification, as the hub routes it: user.<id>, topic.<id> or broadcast."""
-    if notification.recipient_id is not None:
-        return user_group(notification.recipient_id)
-    if notification.topic_id is not None:
-        return topic_group(notification.topic_id)
-    return BROADCAST_GROUP
+from . import metrics, protocol, streams, transport
 
 
 def notification_message(notification) -> dict:
     """The stream message of a stored notification (also rebuilt from the store by the hub)."""
     return {
         "type": "stream.notification",
+        "stream": streams.stream_of(notification),
+        "offset": notification.offset,
         "id": notification.id,
-        "group": notification_group(notification),
         "frame": protocol.encode(protocol.notification_frame(notification)),
     }
 
 
-def _send(messages: Iterable[dict]) -> None:
-    messages = list(messages)
-    layer = get_channel_layer()
-    if not messages or layer is None:
-        return
-
-    async def send_all() -> None:
-        for message in messages:
-            await layer.group_send(STREAM_GROUP, message)
-
-    try:
-        async_to_sync(send_all)()
-    except Exception as exc:  # the store is the source of truth; hubs catch up from it
-        metrics.push_failed()
-        failures.failure("push failed (stored; hubs will read it from the store)", exc)
-    else:
-        failures.recovered("push failed (stored; hubs will read it from the store)")
+def _send(messages: Iterable[tuple[str, dict]]) -> None:
+    """``(group, message)`` pairs, each to its group."""
+    transport.publish(list(messages))
 
 
 def notifications_created(notifications: Iterable) -> None:
-    """Push each stored notification to every server process, one encoded frame each.
+    """Push each stored notification to the processes serving its stream, one encoded frame each.
 
     ``t`` is the commit time (this runs in ``on_commit``): the hubs measure push latency from it."""
     committed_at = time.time()
     messages = []
     for n in notifications:
-        messages.append(notification_message(n) | {"t": committed_at})
+        message = notification_message(n) | {"t": committed_at}
+        messages.append((message["stream"], message))
         metrics.sent(str(n.audience))
     _send(messages)
 
 
-def _user_event(user_id: int, op: str, **fields) -> dict:
-    return {"type": "stream.user", "user": user_id, "op": op, **fields}
+def _user_event(user_id: int, op: str, **fields) -> tuple[str, dict]:
+    """A control message for one user's connections: to the user's stream group."""
+    return streams.user_stream(user_id), {"type": "stream.user", "user": user_id, "op": op, **fields}
 
 
 def inbox_changed(user_id: int, change: dict, count: int) -> None:
@@ -109,7 +71,8 @@ def topic_unfollowed(user_id: int, topic_id: int, slug: str) -> None:
 def topic_changed(topic_id: int, op: str, slug: str, old_slug: str = "") -> None:
     """A topic was renamed (``op="renamed"``) or deleted (``"deleted"``): one message, applied by
     each process to its local sockets the topic is routed to, however many follow it."""
-    _send([{"type": "stream.topic", "topic_id": topic_id, "op": op, "topic": slug, "old_topic": old_slug}])
+    message = {"type": "stream.topic", "topic_id": topic_id, "op": op, "topic": slug, "old_topic": old_slug}
+    _send([(streams.topic_stream(topic_id), message)])
 
 
 def connections_close(user_ids: Iterable[int], *, code: int, reason: str, token_id: int | None = None,

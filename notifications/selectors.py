@@ -16,8 +16,8 @@ from django.contrib.auth import get_user_model
 from django.db.models import BooleanField, Exists, ExpressionWrapper, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
-from . import push
-from .models import Audience, Follow, InboxState, Notification, Receipt, Stream, Topic, ensure_stream
+from . import push, streams
+from .models import Audience, Follow, InboxState, Notification, Receipt, Topic, ensure_store
 
 INBOX_PAGE_MAX = 100
 
@@ -32,20 +32,23 @@ def _receipts(user, **filters) -> Exists:
     return Exists(Receipt.objects.filter(user=user, notification=OuterRef("pk"), **filters))
 
 
-def _visible_parts(user, condition: Q | None = None) -> list[QuerySet]:
-    """The three audience parts visible to ``user``, not dismissed, filtered by ``condition``."""
+def _visible_parts(user, condition: Q | None = None, *, per_part: tuple[Q, Q, Q] | None = None) -> list[QuerySet]:
+    """The three audience parts visible to ``user``, not dismissed, filtered by ``condition`` (and
+    each by its own condition of ``per_part``: personal, topical, broadcast)."""
     condition = condition or Q()
+    own_personal, own_topical, own_broadcast = per_part or (Q(), Q(), Q())
     not_dismissed = ~_receipts(user, dismissed_at__isnull=False)
-    personal = Notification.objects.filter(condition, not_dismissed, recipient=user)
+    personal = Notification.objects.filter(condition, own_personal, not_dismissed, recipient=user)
     topical = Notification.objects.filter(
         Q(topic__follows__ended_at__isnull=True) | Q(created_at__lt=F("topic__follows__ended_at")),
         condition,
+        own_topical,
         not_dismissed,
         topic__follows__user=user,
         created_at__gte=F("topic__follows__created_at"),
     )
     broadcast = Notification.objects.filter(
-        condition, not_dismissed, audience=Audience.BROADCAST, created_at__gte=user.date_joined
+        condition, own_broadcast, not_dismissed, audience=Audience.BROADCAST, created_at__gte=user.date_joined
     )
     return [personal, topical, broadcast]
 
@@ -63,10 +66,14 @@ def visible_ids(user, ids: Iterable[int]) -> set[int]:
     return {row["id"] for row in _union_ids(_visible_parts(user, Q(id__in=ids)))}
 
 
-def unread_count_for(user, *, through: int | None = None) -> int:
-    """How many visible notifications ``user`` has not read (up to id ``through``): one query."""
-    condition = ~_read(user) if through is None else ~_read(user) & Q(id__lte=through)
-    return _union_ids(_visible_parts(user, condition)).count()
+def unread_count_for(user, *, through: dict[str, int] | None = None) -> int:
+    """How many visible notifications ``user`` has not read: one query. With ``through``, the
+    streams it names count only up to its offsets (what a connection's cursor covers: the later
+    ones arrive live and count then); the others count whole."""
+    per_part = None
+    if through is not None:
+        per_part = _range_parts(user, {key: (0, offset) for key, offset in through.items()}, others=True)
+    return _union_ids(_visible_parts(user, ~_read(user), per_part=per_part)).count()
 
 
 def latest_visible_id(user) -> int:
@@ -152,31 +159,67 @@ def read_count(notification: Notification) -> int:
     return audience.filter(read_receipt | past_watermark).count()
 
 
-def stream_state() -> tuple[int, str]:
-    """The stream head (the newest committed notification id) and epoch, read together."""
-    row = Stream.objects.filter(pk=1).values_list("head", "epoch").first()
-    if row is None:
-        ensure_stream()
-        row = Stream.objects.filter(pk=1).values_list("head", "epoch").get()
-    return row
-
-
-def stream_head() -> int:
-    return stream_state()[0]
-
-
-def stream_epoch() -> str:
+def store_epoch() -> str:
     """Identifies this store; cursors from another epoch cannot be resumed."""
-    return stream_state()[1]
+    return ensure_store()
 
 
-def stream_messages(first: int, last: int) -> list[dict]:
-    """The stream messages of notifications ``first..last`` (for a hub that missed them)."""
-    rows = Notification.objects.filter(id__gte=first, id__lte=last).select_related("topic", "actor").order_by("id")
+def store_heads(keys: list[str]) -> tuple[str, dict[str, int]]:
+    """The store's epoch and the committed head of each stream, read together."""
+    return ensure_store(), streams.heads(keys)
+
+
+def _stream_condition(key: str) -> Q:
+    """The notifications of one stream, as a condition on the notification table."""
+    parsed = streams.parse(key)
+    if parsed is None:
+        return Q(pk__in=[])
+    kind, number = parsed
+    if kind == "u":
+        return Q(audience=Audience.USER, recipient_id=number)
+    if kind == "t":
+        return Q(audience=Audience.TOPIC, topic_id=number)
+    return Q(audience=Audience.BROADCAST)
+
+
+def stream_messages(key: str, first: int, last: int) -> list[dict]:
+    """The stream messages of offsets ``first..last`` of one stream (for a hub that missed them)."""
+    rows = (Notification.objects.filter(_stream_condition(key), offset__gte=first, offset__lte=last)
+            .select_related("topic", "actor").order_by("offset"))
     return [push.notification_message(n) for n in rows]
 
 
-def replay_for(user, *, since: int, limit: int) -> list[Notification]:
-    """The user's visible notifications after ``since``, oldest first, at most ``limit``; each with ``is_read``."""
-    ids = [row["id"] for row in _union_ids(_visible_parts(user, Q(id__gt=since))).order_by("id")[:limit]]
+Ranges = dict[str, tuple[int, int | None]]
+
+
+def _range_parts(user, ranges: Ranges, *, others: bool = False) -> tuple[Q, Q, Q]:
+    """Per-audience conditions for ``{stream: (after, through)}`` (``through`` None: no upper bound);
+    a stream not in ``ranges`` contributes nothing, or (``others``) all of its notifications."""
+    nothing = Q(pk__in=[])
+    everything = Q()
+    personal, broadcast = (everything, everything) if others else (nothing, nothing)
+    topical = nothing
+    if others:
+        listed = [number for kind, number in filter(None, map(streams.parse, ranges)) if kind == "t"]
+        topical = ~Q(topic_id__in=listed)
+    for key, (after, through) in ranges.items():
+        parsed = streams.parse(key)
+        if parsed is None:
+            continue
+        kind, number = parsed
+        window = Q(offset__gt=after) if through is None else Q(offset__gt=after, offset__lte=through)
+        if kind == "u" and number == user.pk:
+            personal = window
+        elif kind == "t":
+            topical |= window & Q(topic_id=number)
+        elif kind == "b":
+            broadcast = window
+    return personal, topical, broadcast
+
+
+def replay_for(user, *, ranges: Ranges, limit: int) -> list[Notification]:
+    """The user's visible notifications in the given stream ranges, oldest first (by id: within a
+    stream that is offset order), at most ``limit``; each with ``is_read``."""
+    parts = _visible_parts(user, per_part=_range_parts(user, ranges))
+    ids = [row["id"] for row in _union_ids(parts).order_by("id")[:limit]]
     return _with_read_state(user, ids, "id")

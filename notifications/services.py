@@ -15,10 +15,9 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
-from django.db.models import F
 from django.utils import timezone
 
-from . import protocol, push, selectors
+from . import protocol, push, selectors, streams
 from .auth import ALL_SESSIONS, session_digest
 from .models import (
     Audience,
@@ -28,9 +27,7 @@ from .models import (
     Level,
     Notification,
     Receipt,
-    Stream,
     Topic,
-    ensure_stream,
 )
 
 TITLE_MAX = 200
@@ -187,8 +184,9 @@ def notification_send(
         if claim is not None and claim.notification_ids:
             return Sent(Notification.objects.filter(id__in=claim.notification_ids).select_related(
                 "topic", "actor", "recipient").order_by("id"), replayed=True)
-        for row, notification_id in zip(rows, _reserve_ids(len(rows)), strict=True):
-            row.id = notification_id
+        offsets = streams.reserve(streams.stream_of(row) for row in rows)  # locks these streams only
+        for row in rows:
+            row.offset = offsets[streams.stream_of(row)]
         Notification.objects.bulk_create(rows)
         if claim is not None:
             claim.notification_ids = [row.id for row in rows]
@@ -242,17 +240,6 @@ def _claim_idempotency_key(key: str, actor, rows: list[Notification]) -> Idempot
             f"The idempotency key {key!r} was already used for a different request; use a new key."
         )
     return earlier
-
-
-def _reserve_ids(count: int) -> range:
-    """The next ``count`` notification ids. The stream row stays locked until the sending
-    transaction commits, so ids are gap-free and committed in order (a cursor for resume).
-    Keep transactions that send short: concurrent sends wait for this lock."""
-    if not Stream.objects.filter(pk=1).update(head=F("head") + count):
-        ensure_stream()
-        Stream.objects.filter(pk=1).update(head=F("head") + count)
-    head = Stream.objects.filter(pk=1).values_list("head", flat=True).get()
-    return range(head - count + 1, head + 1)
 
 
 def _push_inbox_change_on_commit(user, change: dict) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
-from project.layers import parse_sentinels, redis_channel_layer
+from project.layers import parse_master_names, parse_redis_urls, parse_sentinels, redis_channel_layer
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -98,24 +98,29 @@ else:
     # One test database per test run, so parallel runs on one server do not collide.
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 
+# One Redis URL, or several comma-separated: shards of the channel layer and of presence
+# (docs/deployment.md, "Several Redis servers"). REDIS_URLS is the checked list.
 REDIS_URL = env.str("REDIS_URL", default="")
-# Redis Sentinel instead of one URL (docs/deployment.md): "host:port,host:port" and the master's name.
+REDIS_URLS = parse_redis_urls(REDIS_URL)
+# Redis Sentinel instead of URLs (docs/deployment.md): "host:port,host:port" and the master's name,
+# or several master names, comma-separated (one Sentinel-managed shard each).
 REDIS_SENTINELS = parse_sentinels(env.str("REDIS_SENTINELS", default=""))
 REDIS_SENTINEL_MASTER = env.str("REDIS_SENTINEL_MASTER", default="")
+REDIS_SENTINEL_MASTERS = parse_master_names(REDIS_SENTINEL_MASTER)
 REDIS_SENTINEL_DB = env.int("REDIS_SENTINEL_DB", default=0)
 REDIS_SENTINEL_PASSWORD = env.str("REDIS_SENTINEL_PASSWORD", default="")
 # The namespace of every Redis key the service writes: channel layer, cache (throttles), presence.
 # Deployments sharing one Redis (staging and production, two sites) need different prefixes.
 # CHANNELS_PREFIX is its older name, still read when REDIS_PREFIX is not set.
 REDIS_PREFIX = env.str("REDIS_PREFIX", default=env.str("CHANNELS_PREFIX", default="notifications"))
-if REDIS_URL or REDIS_SENTINELS:
+if REDIS_URLS or REDIS_SENTINELS:
     CHANNEL_LAYERS = {
         "default": redis_channel_layer(
-            REDIS_URL,
+            REDIS_URLS,
             REDIS_PREFIX,
             env.int("CHANNELS_CAPACITY", default=10_000),
             sentinels=REDIS_SENTINELS,
-            master_name=REDIS_SENTINEL_MASTER,
+            master_name=REDIS_SENTINEL_MASTERS,
             db=REDIS_SENTINEL_DB,
             password=REDIS_SENTINEL_PASSWORD,
             backend=env.str("CHANNELS_LAYER", default="core"),
@@ -126,10 +131,13 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 # Throttle counters (notifications/throttle.py) must be shared by every server process.
+# Only the first of several REDIS_URLs: Django's RedisCache takes a list as one primary (writes)
+# and read replicas (reads at random), not as shards, so counters would be read where they were
+# never written. The counters are few and short-lived; with that server down, throttles fail open.
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URLS[0],
                 "KEY_PREFIX": REDIS_PREFIX}
-    if REDIS_URL
+    if REDIS_URLS
     else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 }
 
@@ -185,6 +193,8 @@ NOTIFICATIONS = {
     # store is read (seconds), and how often the stream head is checked for lost pushes.
     "HUB_GAP_WAIT": env.float("HUB_GAP_WAIT", default=0.2),
     "HUB_SYNC_INTERVAL": env.float("HUB_SYNC_INTERVAL", default=2.0),
+    # Seconds a send waits for its push to reach the channel layer; then the push is dropped (stored: hubs read it).
+    "PUSH_TIMEOUT": env.float("PUSH_TIMEOUT", default=1.0),
     # Seconds an idempotency key (notification_send(idempotency_key=...), Idempotency-Key header) is kept.
     "IDEMPOTENCY_TTL": env.int("IDEMPOTENCY_TTL", default=24 * 3600),
     # Largest REST API request body; larger bodies get 413.
@@ -197,7 +207,7 @@ NOTIFICATIONS = {
     "PRESENCE_BACKEND": env.str(
         "PRESENCE_BACKEND",
         default="notifications.presence.RedisPresence"
-        if REDIS_URL or REDIS_SENTINELS
+        if REDIS_URLS or REDIS_SENTINELS
         else "notifications.presence.LocalPresence",
     ),
     # The namespace of the presence keys in Redis (the same prefix as the channel layer and cache).

@@ -77,6 +77,22 @@ def redis_url() -> str:
     return ensure_redis()
 
 
+@pytest.fixture
+def second_redis(tmp_path):
+    """A second, private Redis (``redis-server`` on a free loopback port, no persistence): another
+    shard beside the test Redis. ``.url``; ``.stop()`` and ``.start()`` restart it empty; stopped
+    at teardown. The fault tests' ``RedisServer`` (tests/faults/scenarios.py)."""
+    import shutil
+
+    from tests.faults.scenarios import RedisServer
+
+    if shutil.which("redis-server") is None:
+        missing_service("redis-server is not installed (a second Redis shard runs a private one)")
+    server = RedisServer(tmp_path / "second-redis.log").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(params=["memory", "redis"])
 def layer(request, settings) -> str:
     """Run the test on the in-memory layer and on the real Redis layer (msgpack)."""
@@ -137,6 +153,11 @@ def bob_token(bob) -> str:
 @pytest.fixture
 def staff_token(staff) -> str:
     return token_for(staff)
+
+
+def since(cursor: dict[str, int]) -> str:
+    """A cursor as the URL writes it: ``u.1:17,b:3``."""
+    return ",".join(f"{stream}:{offset}" for stream, offset in cursor.items())
 
 
 def bearer(token: str) -> list[tuple[bytes, bytes]]:

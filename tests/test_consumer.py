@@ -47,13 +47,13 @@ async def test_hello_frame_carries_user_unread_count_and_topics(layer, ws, alice
     _, hello = await ws(alice_token)
     assert hello == {
         "type": "hello",
-        "protocol": "notifications.v1",
-        "version": 1,
+        "protocol": "notifications.v2",
+        "version": 2,
         "user": {"id": alice.pk, "username": "alice"},
         "unread_count": 1,
         "topics": ["deploys"],
-        "cursor": sent.pk,
-        "epoch": await sync_to_async(selectors.stream_epoch)(),
+        "cursor": {f"u.{alice.pk}": sent.offset, "b": 0, f"t.{topic.pk}": 0},
+        "epoch": await sync_to_async(selectors.store_epoch)(),
         "max_frame_bytes": 65536,
     }
 
@@ -63,11 +63,24 @@ async def test_subprotocol_is_negotiated_when_offered(layer, alice_token):
 
     from project.asgi import application
 
-    offered = ["x", "notifications.v1"]
+    offered = ["x", "notifications.v1", "notifications.v2"]
     comm = WebsocketCommunicator(application, WS_PATH, headers=bearer(alice_token), subprotocols=offered)
     connected, subprotocol = await comm.connect()
-    assert (connected, subprotocol) == (True, "notifications.v1")
+    assert (connected, subprotocol) == (True, "notifications.v2")
     await comm.disconnect()
+
+
+async def test_a_client_that_offers_only_v1_is_told_the_new_version_and_closed_4426(layer, alice_token):
+    from channels.testing import WebsocketCommunicator
+
+    from project.asgi import application
+
+    comm = WebsocketCommunicator(application, WS_PATH, headers=bearer(alice_token), subprotocols=["notifications.v1"])
+    connected, subprotocol = await comm.connect()
+    assert (connected, subprotocol) == (True, "notifications.v1")
+    frame = await comm.receive_json_from(timeout=5)
+    assert frame["code"] == "unsupported_protocol" and "notifications.v2" in frame["message"]
+    assert (await comm.receive_output(timeout=5))["code"] == 4426
 
 
 # Pushes
@@ -92,6 +105,8 @@ async def test_personal_notification_reaches_every_tab_and_nobody_else(layer, ws
         "actor": None,
         "created_at": stored.created_at.isoformat(),
         "read": False,
+        "stream": f"u.{alice.pk}",
+        "offset": 1,
     }
     assert await tab1.receive_json_from(timeout=5) == expected
     assert await tab2.receive_json_from(timeout=5) == expected
@@ -108,6 +123,7 @@ async def test_broadcast_reaches_everyone_with_byte_identical_frames(layer, ws, 
     assert strip_volatile(json.loads(frame_a)) == {
         "type": "notification", "audience": "broadcast", "title": "Maintenance tonight", "body": "",
         "level": "warning", "data": {}, "link": None, "topic": None, "actor": None, "read": False,
+        "stream": "b", "offset": json.loads(frame_a)["offset"],
     }
 
 
@@ -150,13 +166,18 @@ async def test_ping_gets_pong_echoing_the_request_id(layer, ws, alice_token):
 
 
 async def test_subscribe_follows_persistently_and_joins_the_topic_group(layer, ws, alice, alice_token):
-    await sync_to_async(Topic.objects.create)(slug="deploys", title="Deploys")
+    topic = await sync_to_async(Topic.objects.create)(slug="deploys", title="Deploys")
     comm, _ = await ws(alice_token)
     other_tab, _ = await ws(alice_token)
     await comm.send_json_to({"type": "subscribe", "topic": "deploys", "id": 1})
-    assert await comm.receive_json_from(timeout=5) == {"type": "subscribed", "topic": "deploys", "id": 1}
+    stream = f"t.{topic.pk}"
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "subscribed", "topic": "deploys", "stream": stream, "offset": 0, "id": 1,
+    }
     # The user's other connection follows along (without a request id).
-    assert await other_tab.receive_json_from(timeout=5) == {"type": "subscribed", "topic": "deploys"}
+    assert await other_tab.receive_json_from(timeout=5) == {
+        "type": "subscribed", "topic": "deploys", "stream": stream, "offset": 0,
+    }
     await send(topic="deploys", title="live")
     assert (await comm.receive_json_from(timeout=5))["title"] == "live"
     assert (await other_tab.receive_json_from(timeout=5))["title"] == "live"
@@ -171,8 +192,11 @@ async def test_unsubscribe_stops_pushes_on_every_connection(layer, ws, alice, al
     comm, _ = await ws(alice_token)
     other_tab, _ = await ws(alice_token)
     await comm.send_json_to({"type": "unsubscribe", "topic": "deploys", "id": "u"})
-    assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "deploys", "id": "u"}
-    assert await other_tab.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "deploys"}
+    stream = f"t.{topic.pk}"
+    assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "deploys", "stream": stream,
+                                                       "id": "u"}
+    assert await other_tab.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "deploys",
+                                                            "stream": stream}
     await send(topic="deploys", title="quiet")
     await assert_silent(comm)
     await assert_silent(other_tab)
@@ -193,7 +217,8 @@ async def test_subscribe_to_private_topic_as_member_works(layer, ws, alice, alic
     await sync_to_async(topic.members.add)(alice)
     comm, _ = await ws(alice_token)
     await comm.send_json_to({"type": "subscribe", "topic": "security"})
-    assert await comm.receive_json_from(timeout=5) == {"type": "subscribed", "topic": "security"}
+    assert await comm.receive_json_from(timeout=5) == {"type": "subscribed", "topic": "security",
+                                                       "stream": f"t.{topic.pk}", "offset": 0}
 
 
 async def test_subscribe_to_unknown_topic_is_not_found(layer, ws, alice_token):

@@ -27,12 +27,10 @@ def populated(alice, bob):
     topic = Topic.objects.create(slug="deploys", title="Deploys")
     Follow.objects.create(user=alice, topic=topic)
     rows = (
-        [Notification(audience=Audience.USER, recipient=bob, title=f"n{i}") for i in range(2000)]
-        + [Notification(audience=Audience.TOPIC, topic=topic, title=f"t{i}") for i in range(200)]
-        + [Notification(audience=Audience.BROADCAST, title=f"b{i}") for i in range(200)]
+        [Notification(audience=Audience.USER, recipient=bob, title=f"n{i}", offset=i + 1) for i in range(2000)]
+        + [Notification(audience=Audience.TOPIC, topic=topic, title=f"t{i}", offset=i + 1) for i in range(200)]
+        + [Notification(audience=Audience.BROADCAST, title=f"b{i}", offset=i + 1) for i in range(200)]
     )
-    for notification_id, row in enumerate(rows, start=1):
-        row.id = notification_id
     Notification.objects.bulk_create(rows)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE notifications_notification")
@@ -53,3 +51,54 @@ def test_unread_count_matches_what_is_visible(alice, populated):
     require_postgres()
     # alice joined and followed before the rows: 200 topic + 200 broadcast; bob's 2000 are not hers.
     assert selectors.unread_count_for(alice) == 400
+
+
+def test_replay_query_reads_each_stream_by_its_offset_index(alice, populated):
+    require_postgres()
+    ranges = {f"u.{alice.pk}": (0, None), f"t.{populated.pk}": (150, None), "b": (190, None)}
+    parts = selectors._visible_parts(alice, per_part=selectors._range_parts(alice, ranges))
+    sql, params = selectors._union_ids(parts).order_by("id")[:501].query.sql_with_params()
+    plan = _plan(sql, params)
+    assert "Seq Scan on notifications_notification" not in plan, plan
+    assert len(selectors.replay_for(alice, ranges=ranges, limit=501)) == 50 + 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_send_in_a_transaction_that_stays_open_does_not_hold_up_an_unrelated_send(alice, bob):
+    """Sends to different users never wait for each other (a stream per audience, no lock shared by
+    every send): while one transaction that sent to alice stays open for 2 s, a send to bob on
+    another connection (as from another process) commits at once."""
+    import threading
+    import time
+
+    from django.db import connections, transaction
+
+    from notifications import services
+
+    require_postgres()
+    sent_in_open_transaction, may_commit, committed = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_sender():
+        try:
+            with transaction.atomic():
+                services.notification_send(users=[alice], title="in a long transaction")
+                sent_in_open_transaction.set()
+                may_commit.wait(2)
+            committed.set()
+        finally:
+            connections.close_all()
+
+    slow = threading.Thread(target=slow_sender)
+    slow.start()
+    try:
+        assert sent_in_open_transaction.wait(5)
+        started = time.perf_counter()
+        (fast,) = services.notification_send(users=[bob], title="unrelated")
+        elapsed = time.perf_counter() - started
+        assert not committed.is_set(), "the unrelated send waited for the open transaction to commit"
+        assert Notification.objects.filter(pk=fast.pk).exists()
+        assert elapsed < 1.0, elapsed  # it did not wait for the 2 s transaction (typically a few ms)
+    finally:
+        may_commit.set()
+        slow.join(10)
+    assert committed.is_set()

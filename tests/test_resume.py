@@ -15,7 +15,7 @@ from notifications.auth import WebSocketAuthMiddlewareStack
 from notifications.consumers import NotificationConsumer
 from notifications.models import Notification, Topic
 
-from .conftest import WS_PATH, bearer
+from .conftest import WS_PATH, bearer, since
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -28,11 +28,18 @@ async def receive_notifications(comm, count: int) -> list[dict]:
     return frames
 
 
-async def test_notification_ids_are_the_cursor_and_grow_by_one(layer, ws, alice, alice_token):
+async def test_each_stream_numbers_its_notifications_one_by_one(layer, ws, alice, bob, alice_token):
     comm, hello = await ws(alice_token)
-    sent = [(await send(users=[alice], title=f"n{i}"))[0].pk for i in range(3)]
+    mine = f"u.{alice.pk}"
+    for i in range(3):
+        await send(users=[alice], title=f"n{i}")
+        await send(users=[bob], title=f"other {i}")  # another stream: no effect on alice's
     frames = await receive_notifications(comm, 3)
-    assert [f["id"] for f in frames] == sent == [hello["cursor"] + 1, hello["cursor"] + 2, hello["cursor"] + 3]
+    start = hello["cursor"][mine]
+    assert [(f["stream"], f["offset"]) for f in frames] == [(mine, start + 1), (mine, start + 2), (mine, start + 3)]
+    await send(broadcast=True, title="all")
+    frame = await comm.receive_json_from(timeout=5)
+    assert (frame["stream"], frame["offset"]) == ("b", hello["cursor"]["b"] + 1)
 
 
 async def test_resume_in_the_url_replays_what_was_missed_in_order_then_resumed(layer, ws, alice, alice_token, bob):
@@ -47,13 +54,18 @@ async def test_resume_in_the_url_replays_what_was_missed_in_order_then_resumed(l
         (await send(broadcast=True, title="everyone"))[0],
     ]
     await sync_to_async(services.notification_mark_read)(user=alice, ids=[missed[0].pk])
-    comm, hello2 = await ws(alice_token, path=f"{WS_PATH}?since={hello['cursor']}&epoch={hello['epoch']}")
+    comm, hello2 = await ws(alice_token, path=f"{WS_PATH}?since={since(hello['cursor'])}&epoch={hello['epoch']}")
     frames = await receive_notifications(comm, 3)
     assert [(f["id"], f["title"], f["read"]) for f in frames] == [
         (missed[0].pk, "personal", True), (missed[2].pk, "topic", False), (missed[3].pk, "everyone", False),
     ]
+    assert [(f["stream"], f["offset"]) for f in frames] == [
+        (f"u.{alice.pk}", missed[0].offset), (f"t.{topic.pk}", missed[2].offset), ("b", missed[3].offset),
+    ]
+    assert hello2["cursor"] == {f"u.{alice.pk}": missed[0].offset, "b": missed[3].offset,
+                                f"t.{topic.pk}": missed[2].offset}
     assert await comm.receive_json_from(timeout=5) == {
-        "type": "resumed", "recovered": True, "count": 3, "cursor": missed[3].pk,
+        "type": "resumed", "recovered": True, "count": 3, "cursor": hello2["cursor"],
     }
     assert await comm.receive_json_from(timeout=5) == {"type": "unread_count", "count": 2}
     # Live frames continue after the replay.
@@ -66,11 +78,13 @@ async def test_resume_frame_replays_only_what_this_connection_has_not_seen(layer
     comm, hello = await ws(alice_token)
     (live,) = await send(users=[alice], title="live")
     assert (await comm.receive_json_from(timeout=5))["id"] == live.pk
-    await comm.send_json_to({"type": "resume", "since": first.pk - 1, "epoch": hello["epoch"], "id": "r"})
+    mine = f"u.{alice.pk}"
+    cursor = {**hello["cursor"], mine: first.offset - 1}
+    await comm.send_json_to({"type": "resume", "since": cursor, "epoch": hello["epoch"], "id": "r"})
     frame = await comm.receive_json_from(timeout=5)
     assert (frame["type"], frame["id"]) == ("notification", first.pk)
     assert await comm.receive_json_from(timeout=5) == {
-        "type": "resumed", "recovered": True, "count": 2, "cursor": live.pk, "id": "r",
+        "type": "resumed", "recovered": True, "count": 1, "cursor": {**hello["cursor"], mine: live.offset}, "id": "r",
     }
 
 
@@ -87,14 +101,14 @@ async def test_resume_twice_on_one_connection_is_an_error(layer, ws, alice_token
 
 async def test_resume_from_another_epoch_is_not_recovered(layer, ws, alice, alice_token):
     await send(users=[alice], title="x")
-    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=0&epoch=someotherepoch")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=&epoch=someotherepoch")
     assert await comm.receive_json_from(timeout=5) == {
         "type": "resumed", "recovered": False, "reason": "epoch_changed", "count": 0, "cursor": hello["cursor"],
     }
 
 
 async def test_resume_from_a_cursor_ahead_of_the_store_is_not_recovered(layer, ws, alice_token):
-    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=999999")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=b:999999")
     assert (await comm.receive_json_from(timeout=5))["reason"] == "cursor_ahead"
 
 
@@ -102,7 +116,7 @@ async def test_resume_of_too_many_is_not_recovered(layer, ws, alice, alice_token
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REPLAY_MAX_COUNT": 2}
     for i in range(3):
         await send(users=[alice], title=f"n{i}")
-    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=")
     assert await comm.receive_json_from(timeout=5) == {
         "type": "resumed", "recovered": False, "reason": "too_many", "count": 0, "cursor": hello["cursor"],
     }
@@ -111,7 +125,7 @@ async def test_resume_of_too_many_is_not_recovered(layer, ws, alice, alice_token
 async def test_resume_older_than_the_retention_window_is_not_recovered(layer, ws, alice, alice_token, settings):
     await send(users=[alice], title="old")
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REPLAY_MAX_AGE": -1}
-    comm, _ = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    comm, _ = await ws(alice_token, path=f"{WS_PATH}?since=")
     assert (await comm.receive_json_from(timeout=5))["reason"] == "too_old"
 
 
@@ -122,7 +136,7 @@ async def test_resume_age_is_judged_by_the_users_own_notifications_only(layer, w
     await sync_to_async(Notification.objects.filter(pk=old.pk).update)(created_at=timezone.now() - timedelta(days=30))
     await send(users=[alice], title="alice's, new")
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REPLAY_MAX_AGE": 7 * 24 * 3600}
-    comm, _ = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    comm, _ = await ws(alice_token, path=f"{WS_PATH}?since=")
     frame = await comm.receive_json_from(timeout=5)
     assert (frame["type"], frame["title"]) == ("notification", "alice's, new")
     resumed = await comm.receive_json_from(timeout=5)
@@ -142,7 +156,7 @@ async def test_replay_never_shows_another_users_notifications(layer, ws, alice, 
     await sync_to_async(services.topic_follow)(user=bob, topic=private)
     await send(users=[bob], title="bob only")
     await send(topic="secret", title="members only")
-    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=")
     assert await comm.receive_json_from(timeout=5) == {
         "type": "resumed", "recovered": True, "count": 0, "cursor": hello["cursor"],
     }
@@ -164,11 +178,14 @@ async def test_reconnecting_many_times_while_sending_loses_and_duplicates_nothin
             await asyncio.sleep(random.random() / 200)
 
     received: list[int] = []
-    cursor = await sync_to_async(selectors.stream_head)()
+    first = WebsocketCommunicator(application, WS_PATH, headers=bearer(alice_token))
+    await first.connect()
+    cursor = (await first.receive_json_from(timeout=5))["cursor"]
+    await first.disconnect()
     task = asyncio.create_task(sender())
     reconnects = 0
-    while not task.done() or (not received or received[-1] < max(sent, default=0)):
-        comm = WebsocketCommunicator(application, f"{WS_PATH}?since={cursor}", headers=bearer(alice_token))
+    while not task.done() or len(received) < len(sent):
+        comm = WebsocketCommunicator(application, f"{WS_PATH}?since={since(cursor)}", headers=bearer(alice_token))
         await comm.connect()
         assert (await comm.receive_json_from(timeout=5))["type"] == "hello"
         for _ in range(random.randint(1, 8)):
@@ -176,13 +193,17 @@ async def test_reconnecting_many_times_while_sending_loses_and_duplicates_nothin
                 break
             frame = await comm.receive_json_from(timeout=5)
             if frame["type"] == "notification":
+                assert frame["offset"] == cursor[frame["stream"]] + 1, (frame, cursor)  # in order, no gap
                 received.append(frame["id"])
-                cursor = frame["id"]
+                cursor[frame["stream"]] = frame["offset"]
+            elif frame["type"] == "resumed":
+                assert frame["recovered"], frame
+                cursor = frame["cursor"]
         await comm.disconnect()
         reconnects += 1
         assert reconnects < 500
     await task
-    assert received == sent, (len(received), len(sent))
+    assert sorted(received) == sorted(sent) and len(set(received)) == len(received), (len(received), len(sent))
     assert reconnects > 10
 
 
@@ -229,14 +250,19 @@ async def test_slow_consumer_is_closed_with_4008_and_others_keep_receiving(layer
     await slow.disconnect()
 
 
-async def test_hello_cursor_is_the_stream_head(layer, ws, alice):
+async def test_hello_cursor_is_the_head_of_each_stream_the_user_reads(layer, ws, alice, bob):
+    topic = await sync_to_async(Topic.objects.create)(slug="deploys", title="Deploys")
+    await sync_to_async(services.topic_follow)(user=alice, topic=topic)
     await send(broadcast=True, title="x")
-    head = await sync_to_async(selectors.stream_head)()
+    await send(users=[alice, bob], title="y")
+    await send(topic=topic, title="z")
+    await send(topic=topic, title="z2")
     from .conftest import token_for
 
-    token = await sync_to_async(token_for)(alice)
-    _, hello = await ws(token)
-    assert hello["cursor"] == head
+    streams = [f"u.{alice.pk}", "b", f"t.{topic.pk}"]
+    heads = await sync_to_async(selectors.store_heads)(streams)
+    _, hello = await ws(await sync_to_async(token_for)(alice))
+    assert hello["cursor"] == heads[1] == {f"u.{alice.pk}": 1, "b": heads[1]["b"], f"t.{topic.pk}": 2}
 
 
 async def test_too_many_frames_get_rate_limited_then_closed_with_4029(layer, ws, alice_token, settings):
@@ -266,7 +292,7 @@ async def test_topics_per_user_are_limited_over_the_socket(layer, ws, alice_toke
     comm, _ = await ws(alice_token)
     for slug in ("a", "b"):
         await comm.send_json_to({"type": "subscribe", "topic": slug})
-        assert await comm.receive_json_from(timeout=5) == {"type": "subscribed", "topic": slug}
+        assert (await comm.receive_json_from(timeout=5))["type"] == "subscribed"
     await comm.send_json_to({"type": "subscribe", "topic": "c", "id": 3})
     assert await comm.receive_json_from(timeout=5) == {
         "type": "error", "code": "too_many_topics", "id": 3,
@@ -276,12 +302,38 @@ async def test_topics_per_user_are_limited_over_the_socket(layer, ws, alice_toke
 
 async def test_a_replaced_store_closes_connections_with_4012_so_clients_resume(layer, ws, alice, alice_token,
                                                                                settings):
-    from notifications.models import Stream
+    from notifications.models import Store
 
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "HUB_SYNC_INTERVAL": 0.2}
     await send(users=[alice], title="before")
     comm, hello = await ws(alice_token)
-    await sync_to_async(Stream.objects.filter(pk=1).update)(epoch="restored-from-backup")
+    await sync_to_async(Store.objects.filter(pk=1).update)(epoch="restored-from-backup")
     assert (await comm.receive_output(timeout=5))["code"] == 4012
-    comm2, _ = await ws(alice_token, path=f"{WS_PATH}?since={hello['cursor']}&epoch={hello['epoch']}")
+    comm2, _ = await ws(alice_token, path=f"{WS_PATH}?since={since(hello['cursor'])}&epoch={hello['epoch']}")
     assert (await comm2.receive_json_from(timeout=5))["reason"] == "epoch_changed"
+
+
+async def test_unread_count_after_a_resume_plus_the_live_frames_after_it_is_the_true_count(
+    layer, ws, alice, alice_token, monkeypatch
+):
+    """A notification committed while the replay is read arrives live after `resumed`: the
+    `unread_count` before it must not have counted it already."""
+    from notifications import resume
+
+    comm, hello = await ws(alice_token)
+    await comm.disconnect()
+    await send(users=[alice], title="missed")
+    real = resume.outcome
+
+    def outcome_with_a_send_meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        services.notification_send(users=[alice], title="live during the replay")
+        return result
+
+    monkeypatch.setattr(resume, "outcome", outcome_with_a_send_meanwhile)
+    comm, _ = await ws(alice_token, path=f"{WS_PATH}?since={since(hello['cursor'])}&epoch={hello['epoch']}")
+    frames = [await comm.receive_json_from(timeout=5) for _ in range(4)]
+    assert [f["type"] for f in frames] == ["notification", "resumed", "unread_count", "notification"]
+    assert frames[3]["title"] == "live during the replay"
+    shown = frames[2]["count"] + 1  # the client adds one per live notification
+    assert shown == await sync_to_async(selectors.unread_count_for)(alice) == 2

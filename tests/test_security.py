@@ -43,7 +43,8 @@ async def test_removing_a_member_of_a_private_topic_takes_it_off_their_live_conn
     )
     assert response.status_code == 302
     for tab in (tab1, tab2):
-        assert await tab.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "security"}
+        assert await tab.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "security",
+                                                          "stream": f"t.{topic.pk}"}
     await send(topic="security", title="members only")
     assert await tab1.receive_nothing(timeout=0.3)
     _, hello = await ws(alice_token)
@@ -56,7 +57,8 @@ async def test_making_a_topic_private_anywhere_removes_non_member_followers(laye
     comm, _ = await ws(alice_token)
     topic.private = True
     await sync_to_async(topic.save)()  # not through the admin: a shell, a data migration
-    assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "deploys"}
+    assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "deploys",
+                                                       "stream": f"t.{topic.pk}"}
     assert await sync_to_async(services.topic_members_changed)(topic=topic) == []  # already done
 
 
@@ -66,7 +68,8 @@ async def test_removing_a_member_anywhere_takes_the_topic_off_their_connections(
     await sync_to_async(services.topic_follow)(user=alice, topic=topic)
     comm, _ = await ws(alice_token)
     await sync_to_async(topic.members.remove)(alice)
-    assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops"}
+    assert await comm.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops",
+                                                       "stream": f"t.{topic.pk}"}
 
 
 # A session's sockets follow the session: logout and password change
@@ -168,8 +171,9 @@ async def test_a_topic_deleted_and_recreated_private_does_not_reach_its_old_foll
     await sync_to_async(services.topic_follow)(user=alice, topic=ops)
     mine, hello = await ws(alice_token)
     assert hello["topics"] == ["ops"]
+    stream = f"t.{ops.pk}"
     await sync_to_async(ops.delete)()
-    assert await mine.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops"}
+    assert await mine.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops", "stream": stream}
     private = await sync_to_async(Topic.objects.create)(slug="ops", title="Ops (private)", private=True)
     await sync_to_async(private.members.add)(bob)
     await sync_to_async(services.topic_follow)(user=bob, topic=private)
@@ -189,8 +193,10 @@ async def test_a_renamed_topic_keeps_reaching_its_followers_and_its_old_slug_doe
         f"/admin/notifications/topic/{ops.pk}/change/", {"slug": "ops-archive", "title": "Ops archive"},
     )
     assert response.status_code == 302
-    assert await mine.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops"}
-    assert await mine.receive_json_from(timeout=5) == {"type": "subscribed", "topic": "ops-archive"}
+    stream = f"t.{ops.pk}"
+    assert await mine.receive_json_from(timeout=5) == {"type": "unsubscribed", "topic": "ops", "stream": stream}
+    assert await mine.receive_json_from(timeout=5) == {"type": "subscribed", "topic": "ops-archive", "stream": stream,
+                                                       "offset": 0}
     newcomer = await sync_to_async(Topic.objects.create)(slug="ops", title="New ops", private=True)
     await sync_to_async(newcomer.members.add)(bob)
     await send(topic="ops", title="not for alice")
@@ -228,7 +234,7 @@ async def test_another_users_ids_and_private_topics_stay_invisible_over_every_pa
     await sync_to_async(services.topic_follow)(user=bob, topic=secret)
     (bobs,) = await send(users=[bob], title="bob's")
     (members,) = await send(topic="secret", title="members only")
-    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=0")
+    comm, hello = await ws(alice_token, path=f"{WS_PATH}?since=")
     assert await comm.receive_json_from(timeout=5) == {
         "type": "resumed", "recovered": True, "count": 0, "cursor": hello["cursor"],
     }

@@ -19,6 +19,7 @@ from django.test import Client
 from websockets.exceptions import ConnectionClosed
 
 from notifications.protocol import CLIENT_TYPES
+from tests.conftest import since
 from tests.server import (
     WS_PATH,
     LiveServer,
@@ -36,7 +37,7 @@ from tests.server import (
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
-SUBPROTOCOL = "notifications.v1"
+SUBPROTOCOL = "notifications.v2"
 MAX_FRAME_BYTES = 64 * 1024  # the documented default of WS_MAX_FRAME_BYTES
 TICKET_TTL = 30  # the documented default of WS_TICKET_TTL
 EXTRA_ORIGIN = "https://app.example.test"  # allowed through WS_ALLOWED_ORIGINS
@@ -106,29 +107,31 @@ async def expect_app_close(ws, code: int):
     assert closed.value.rcvd.code == code
 
 
-_stream_row: dict = {}
+_kept_streams: dict = {}
 
 
 @pytest.fixture
 def stream():
-    """The notification stream row (``head``, ``epoch``), kept across tests.
+    """The store's epoch and every stream's head, kept across tests.
 
-    Notification ids are gap-free and numbered by the ``Stream`` row; the server's hub
-    remembers the next id it expects. A transactional test's flush deletes the row, and the
-    next send would start again at id 1, which the running hub takes for old ids. A
-    production database never does that, so each test continues the stream where the
-    previous one left it (same epoch, same head).
+    Offsets are gap-free per stream, numbered by the ``Stream`` rows; a running server's hub
+    remembers the next offset it expects in each stream it reads. A transactional test's flush
+    deletes the rows, and the next broadcast would start again at offset 1, which a running hub
+    takes for a store that went back. A production database never does that, so each test
+    continues the streams where the previous one left them (same epoch, same heads).
     """
-    from notifications.models import Stream
+    from notifications.models import Store, Stream
 
-    if _stream_row:
-        Stream.objects.update_or_create(pk=1, defaults=_stream_row)
+    if _kept_streams:
+        Store.objects.update_or_create(pk=1, defaults={"epoch": _kept_streams["epoch"]})
+        for key, head in _kept_streams["heads"].items():
+            Stream.objects.update_or_create(key=key, defaults={"head": head})
     # The migration creates the row; an earlier transactional test may have flushed it.
-    row, _ = Stream.objects.get_or_create(pk=1, defaults={"head": 0, "epoch": uuid.uuid4().hex[:16]})
+    row, _ = Store.objects.get_or_create(pk=1, defaults={"epoch": uuid.uuid4().hex[:16]})
     yield row
-    current = Stream.objects.filter(pk=1).values("head", "epoch").first()
-    if current:
-        _stream_row.update(current)
+    epoch = Store.objects.filter(pk=1).values_list("epoch", flat=True).first()
+    if epoch:
+        _kept_streams.update(epoch=epoch, heads=dict(Stream.objects.values_list("key", "head")))
 
 
 @pytest.fixture
@@ -234,14 +237,19 @@ def in_thread(fn):
 
 
 def hello_for(user, stream, *, unread_count: int = 0, topics=()) -> dict:
+    from notifications.models import Stream, Topic
+
+    heads = dict(Stream.objects.values_list("key", "head"))
+    followed = Topic.objects.filter(slug__in=topics).values_list("pk", flat=True)
+    reads = [f"u.{user.pk}", "b", *(f"t.{pk}" for pk in followed)]
     return {
         "type": "hello",
         "protocol": SUBPROTOCOL,
-        "version": 1,
+        "version": 2,
         "user": {"id": user.pk, "username": user.username},
         "unread_count": unread_count,
         "topics": list(topics),
-        "cursor": stream.head,  # nothing was sent since the test began
+        "cursor": {key: heads.get(key, 0) for key in reads},
         "epoch": stream.epoch,
         "max_frame_bytes": MAX_FRAME_BYTES,
     }
@@ -257,8 +265,21 @@ async def recv_unordered(ws, count: int) -> list[str]:
 
 
 def notification_frame(payload: dict) -> dict:
-    """The pushed frame is the API's representation of the notification plus its type."""
-    return {"type": "notification", **payload}
+    """The pushed frame is the API's representation of the notification plus its type and its
+    position (stream and offset)."""
+    from notifications.models import Notification
+    from notifications.streams import stream_of
+
+    row = Notification.objects.get(pk=payload["id"])
+    return {"type": "notification", **payload, "stream": stream_of(row), "offset": row.offset}
+
+
+def frame_of(payload: dict):
+    return in_thread(notification_frame)(payload)
+
+
+def hello_of(user, stream, **kwargs):
+    return in_thread(hello_for)(user, stream, **kwargs)
 
 
 async def expect_refused(ws, code: str, message: str, close_code: int):
@@ -284,7 +305,7 @@ async def test_http_and_websocket_on_the_same_port(live, tab, stream, alice, ali
     assert (counted.status, counted.json()) == (200, {"unread_count": 0})
 
     ws, hello = await tab(alice_token)
-    assert hello == hello_for(alice, stream)
+    assert hello == await hello_of(alice, stream)
 
 
 # Handshake authentication
@@ -293,11 +314,11 @@ async def test_http_and_websocket_on_the_same_port(live, tab, stream, alice, ali
 async def test_bearer_header_negotiates_the_subprotocol(tab, stream, alice, alice_token):
     ws, hello = await tab(alice_token, subprotocols=["something.else", SUBPROTOCOL])
     assert ws.subprotocol == SUBPROTOCOL
-    assert hello == hello_for(alice, stream)
+    assert hello == await hello_of(alice, stream)
 
     plain, hello = await tab(alice_token)  # a client that offers no subprotocol gets none
     assert plain.subprotocol is None
-    assert hello == hello_for(alice, stream)
+    assert hello == await hello_of(alice, stream)
 
     # ping/pong proves the connection is live, not just greeted
     await send_json(ws, {"type": "ping", "id": "p-1"})
@@ -308,12 +329,12 @@ async def test_session_cookie_from_a_real_login_with_allowed_origin(live, tab, s
     sessionid = await asyncio.to_thread(session_login, live, "alice", alice_password)
     ws, hello = await tab(cookies={"sessionid": sessionid}, origin=live.origin, subprotocols=[SUBPROTOCOL])
     assert ws.subprotocol == SUBPROTOCOL
-    assert hello == hello_for(alice, stream)
+    assert hello == await hello_of(alice, stream)
 
 
 async def test_session_cookie_with_an_origin_from_the_allow_list(tab, stream, alice, alice_session):
     ws, hello = await tab(cookies=alice_session, origin=EXTRA_ORIGIN)
-    assert hello == hello_for(alice, stream)
+    assert hello == await hello_of(alice, stream)
 
 
 @pytest.mark.parametrize(
@@ -375,7 +396,7 @@ async def test_ticket_works_once(live, tab, open_ws, stream, alice, alice_token)
 
     path = body["url"].partition("?")[0]
     ws, hello = await tab(path=path, query={"ticket": ticket}, subprotocols=[SUBPROTOCOL])
-    assert hello == hello_for(alice, stream)
+    assert hello == await hello_of(alice, stream)
     assert ws.subprotocol == SUBPROTOCOL
 
     reused = await open_ws(path=path, query={"ticket": ticket})
@@ -398,14 +419,14 @@ async def test_every_tab_of_the_recipient_receives_and_no_one_else(tab, send, al
         "level": "success", "data": data, "link": "/orders/42", "topic": None, "actor": "staff",
         "created_at": sent["created_at"], "read": False,
     }
-    assert await recv_json(alice_1) == notification_frame(sent)
-    assert await recv_json(alice_2) == notification_frame(sent)
+    assert await recv_json(alice_1) == await frame_of(sent)
+    assert await recv_json(alice_2) == await frame_of(sent)
 
     # Bob's next frame is his own notification, sent after Alice's: had Alice's reached his
     # connection it would have been queued first. The short wait catches a late delivery too.
     await expect_no_frame(bob_tab, timeout=0.3)
     [for_bob] = await send(title="For Bob", users=[bob.pk])
-    assert await recv_json(bob_tab) == notification_frame(for_bob)
+    assert await recv_json(bob_tab) == await frame_of(for_bob)
     await expect_no_frame(alice_1, timeout=0.3)
 
 
@@ -414,7 +435,7 @@ async def test_broadcast_reaches_every_connected_user(tab, send, alice_token, bo
     [sent] = await send(title="Maintenance at 22:00", level="warning", broadcast=True)
     assert sent["audience"] == "broadcast"
     for ws in tabs:
-        assert await recv_json(ws) == notification_frame(sent)
+        assert await recv_json(ws) == await frame_of(sent)
 
 
 async def test_topic_send_reaches_followers_only(live, tab, send, stream, deploys, alice, bob, staff,
@@ -422,32 +443,33 @@ async def test_topic_send_reaches_followers_only(live, tab, send, stream, deploy
     followed = await http_async(live, "POST", "/api/topics/deploys/follow/", token=staff_token)
     assert (followed.status, followed.json()) == (200, {"topic": "deploys", "following": True})
     staff_tab, hello = await tab(staff_token)
-    assert hello == hello_for(staff, stream, topics=["deploys"])
+    assert hello == await hello_of(staff, stream, topics=["deploys"])
     alice_tab, _ = await tab(alice_token)
     bob_1, _ = await tab(bob_token)
     bob_2, _ = await tab(bob_token)
 
     # Following from one tab joins every tab of the user.
     await send_json(bob_1, {"type": "subscribe", "topic": "deploys", "id": "s-1"})
-    assert await recv_json(bob_1) == {"type": "subscribed", "topic": "deploys", "id": "s-1"}
-    assert await recv_json(bob_2) == {"type": "subscribed", "topic": "deploys"}
+    position = {"stream": f"t.{deploys.pk}", "offset": 0}
+    assert await recv_json(bob_1) == {"type": "subscribed", "topic": "deploys", **position, "id": "s-1"}
+    assert await recv_json(bob_2) == {"type": "subscribed", "topic": "deploys", **position}
 
     [sent] = await send(title="Deployed v2", topic="deploys")
     assert (sent["audience"], sent["topic"]) == ("topic", "deploys")
     for ws in (staff_tab, bob_1, bob_2):
-        assert await recv_json(ws) == notification_frame(sent)
+        assert await recv_json(ws) == await frame_of(sent)
     [for_alice] = await send(title="Only for Alice", users=["alice"])
-    assert await recv_json(alice_tab) == notification_frame(for_alice)  # not the topic notification
+    assert await recv_json(alice_tab) == await frame_of(for_alice)  # not the topic notification
 
     # Unfollowing from one tab leaves the topic on every tab.
     await send_json(bob_2, {"type": "unsubscribe", "topic": "deploys", "id": 9})
-    assert await recv_json(bob_2) == {"type": "unsubscribed", "topic": "deploys", "id": 9}
-    assert await recv_json(bob_1) == {"type": "unsubscribed", "topic": "deploys"}
+    assert await recv_json(bob_2) == {"type": "unsubscribed", "topic": "deploys", "stream": f"t.{deploys.pk}", "id": 9}
+    assert await recv_json(bob_1) == {"type": "unsubscribed", "topic": "deploys", "stream": f"t.{deploys.pk}"}
     [again] = await send(title="Deployed v3", topic="deploys")
-    assert await recv_json(staff_tab) == notification_frame(again)
+    assert await recv_json(staff_tab) == await frame_of(again)
     [for_bob] = await send(title="Only for Bob", users=["bob"])
     for ws in (bob_1, bob_2):
-        assert await recv_json(ws) == notification_frame(for_bob)
+        assert await recv_json(ws) == await frame_of(for_bob)
 
 
 async def test_unread_count_reaches_every_tab(live, tab, send, alice_token, bob_token):
@@ -456,7 +478,7 @@ async def test_unread_count_reaches_every_tab(live, tab, send, alice_token, bob_
     bob_tab, _ = await tab(bob_token)
     sent = [(await send(title=f"n{i}", users=["alice"]))[0] for i in range(3)]
     for ws in (tab_1, tab_2):
-        assert [await recv_json(ws) for _ in sent] == [notification_frame(n) for n in sent]
+        assert [await recv_json(ws) for _ in sent] == [await frame_of(n) for n in sent]
 
     # mark_read from tab 1: an ack there; what was read and the new count on both tabs (on
     # tab 1 the pushed frames and the ack are independent and may come in either order)
@@ -521,7 +543,7 @@ async def test_django_code_in_another_process_pushes_after_commit_only(tab, alic
     await send_then_roll_back()
     payload = await send(title="Committed", level="error", data={"build": 7, "ok": False})
     # The rolled-back notification would have been queued before this one.
-    assert await recv_json(ws) == notification_frame(payload)
+    assert await recv_json(ws) == await frame_of(payload)
     await expect_no_frame(ws, timeout=0.3)
 
 
@@ -549,15 +571,15 @@ async def test_reconnect_with_the_cursor_replays_what_was_missed(tab, send, stre
     [not_alices] = await send(title="Not for Alice", users=["bob"])
     [everyone] = await send(title="For everyone", broadcast=True)
 
-    ws, hello = await tab(alice_token, query={"since": hello["cursor"], "epoch": hello["epoch"]})
-    assert hello["cursor"] == everyone["id"]
-    assert await recv_json(ws) == notification_frame(missed)
-    assert await recv_json(ws) == notification_frame(everyone)
-    assert await recv_json(ws) == {"type": "resumed", "recovered": True, "count": 2, "cursor": everyone["id"]}
+    ws, hello2 = await tab(alice_token, query={"since": since(hello["cursor"]), "epoch": hello["epoch"]})
+    assert hello2["cursor"] == {**hello["cursor"], f"u.{alice.pk}": 1, "b": hello["cursor"]["b"] + 1}
+    assert await recv_json(ws) == await frame_of(missed)
+    assert await recv_json(ws) == await frame_of(everyone)
+    assert await recv_json(ws) == {"type": "resumed", "recovered": True, "count": 2, "cursor": hello2["cursor"]}
     assert await recv_json(ws) == {"type": "unread_count", "count": 2}
     [live_one] = await send(title="Live again", users=["alice"])
-    assert await recv_json(ws) == notification_frame(live_one)
-    assert not_alices["id"] < everyone["id"]
+    assert await recv_json(ws) == await frame_of(live_one)
+    assert not_alices["id"] < everyone["id"]  # ids still grow, across streams too
 
 
 async def test_a_client_resumes_across_a_server_restart(live, stream, alice, alice_token, server_layer, tmp_path):
@@ -592,10 +614,11 @@ async def test_a_client_resumes_across_a_server_restart(live, stream, alice, ali
         missed = await send_while_down()
         second = await start("second")
         async with await ws_connect(second, token=alice_token,
-                                    query={"since": hello["cursor"], "epoch": hello["epoch"]}) as ws:
-            assert (await recv_json(ws))["cursor"] == missed["id"]
-            assert await recv_json(ws) == notification_frame(missed)
-            assert await recv_json(ws) == {"type": "resumed", "recovered": True, "count": 1, "cursor": missed["id"]}
+                                    query={"since": since(hello["cursor"]), "epoch": hello["epoch"]}) as ws:
+            resumed_at = (await recv_json(ws))["cursor"]
+            assert resumed_at == {**hello["cursor"], f"u.{alice.pk}": 1}
+            assert await recv_json(ws) == await frame_of(missed)
+            assert await recv_json(ws) == {"type": "resumed", "recovered": True, "count": 1, "cursor": resumed_at}
             assert await recv_json(ws) == {"type": "unread_count", "count": 1}
     finally:
         for server in servers:
@@ -606,10 +629,11 @@ async def test_a_client_resumes_across_a_server_restart(live, stream, alice, ali
 
 
 async def test_invalid_resume_cursor_gets_an_error_then_close_4400(live, open_ws, alice_token):
+    from notifications.protocol import CURSOR_HELP
+
     ws = await open_ws(token=alice_token, query={"since": "yesterday"})
     assert await recv_json(ws) == {
-        "type": "error", "code": "invalid", "fields": {"since": "invalid"},
-        "message": "'since' must be the id of the last notification received (an integer >= 0).",
+        "type": "error", "code": "invalid", "fields": {"since": "invalid"}, "message": CURSOR_HELP,
     }
     await expect_app_close(ws, 4400)
 
@@ -700,7 +724,7 @@ async def test_idle_server_keeps_connections_and_logs_no_errors(live, tab, send,
     await send_json(ws, {"type": "ping", "id": "after-idle"})
     assert await recv_json(ws) == {"type": "pong", "id": "after-idle"}
     [sent] = await send(title="After a quiet spell", users=["alice"])
-    assert await recv_json(ws) == notification_frame(sent)
+    assert await recv_json(ws) == await frame_of(sent)
     assert REDIS_READ_TIMEOUT not in live.log_since(start)
 
 

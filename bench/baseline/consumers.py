@@ -9,7 +9,7 @@ class BroadcastConsumer(AsyncWebsocketConsumer):
     async def connect(self):
         await self.channel_layer.group_add(GROUP, self.channel_name)
         offered = self.scope.get("subprotocols") or []
-        await self.accept("notifications.v1" if "notifications.v1" in offered else None)
+        await self.accept("notifications.v2" if "notifications.v2" in offered else None)
 
     async def disconnect(self, code):
         await self.channel_layer.group_discard(GROUP, self.channel_name)

@@ -10,6 +10,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -55,6 +56,32 @@ def open_panel(page: Page) -> None:
     if page.locator("#panel").is_hidden():
         page.locator("#bell").click()
     expect(page.locator("#panel")).to_be_visible()
+
+
+def cursor(page: Page) -> dict[str, int]:
+    return page.evaluate("() => window.notificationClient.cursor")
+
+
+def stream_of(notification_id: int) -> tuple[str, int]:
+    """``(stream, offset)`` of a stored notification: where it sits in the cursor."""
+    from notifications import streams
+    from notifications.models import Notification
+
+    stored = Notification.objects.get(pk=notification_id)
+    return streams.stream_of(stored), stored.offset
+
+
+# Before any script of the page: every socket URL the page opens and every frame its client handles.
+RECORD_SOCKETS = """
+window.socketUrls = [];
+window.clientFrames = [];
+window.WebSocket = class extends window.WebSocket {
+  constructor(url, protocols) { window.socketUrls.push(String(url)); super(url, protocols); }
+};
+window.notificationClientOptions = Object.assign(window.notificationClientOptions || {}, {
+  onFrame: (frame) => window.clientFrames.push(frame),
+});
+"""
 
 
 # Signing in and out
@@ -169,13 +196,19 @@ def test_a_topic_notification_reaches_only_followers(open_page, api_send, alice,
         expect(page.locator("[data-topic='deploys'] .follow-button")).to_have_text("Follow")
 
     follow = follower.locator("[data-topic='deploys'] .follow-button")
+    before = cursor(follower)
+    assert before == {f"u.{alice.pk}": 0, "b": 0}  # hello's cursor: the user's stream and broadcasts
     follow.click()
     expect(follow).to_have_text("Following")
     expect(follow).to_have_attribute("aria-pressed", "true")
+    deploys = Topic.objects.get(slug="deploys")
+    assert cursor(follower) == before | {f"t.{deploys.pk}": 0}  # `subscribed` added the topic's stream
 
-    api_send(title="v2 is live", topic="deploys", level="success")
+    sent = api_send(title="v2 is live", topic="deploys", level="success")
     expect(toast(follower, "v2 is live")).to_be_visible(timeout=2_000)
     expect(badge(follower)).to_have_text("1")
+    assert stream_of(sent["id"]) == (f"t.{deploys.pk}", 1)
+    assert cursor(follower) == before | {f"t.{deploys.pk}": 1}
     open_panel(follower)
     expect(follower.locator("#notification-list .item", has_text="v2 is live")).to_contain_text("#deploys")
 
@@ -188,31 +221,72 @@ def test_a_topic_notification_reaches_only_followers(open_page, api_send, alice,
     expect(other.locator("#notification-list .item")).to_have_count(1)
 
 
-def test_after_a_server_restart_the_page_reconnects_and_shows_what_was_sent_meanwhile(
-    open_page, live, alice, settings
+def test_after_a_server_restart_the_page_resumes_from_its_cursor_and_shows_what_was_sent_meanwhile(
+    open_page, api_send, live, alice, settings
 ):
-    from notifications.services import notification_send
+    """The resume is the one of the protocol (``?since=`` from the cursor of every stream the page
+    reads, a replay of exactly what was missed, ``resumed``), not the inbox re-fetch."""
+    from notifications import protocol, services
+    from notifications.models import Notification, Topic
 
-    page = open_page(alice)
+    deploys = Topic.objects.create(slug="deploys", title="Deploys")
+    run_in_thread(services.topic_follow, user=alice, topic=deploys)
+    page = open_page(alice, goto=False)
+    page.add_init_script(RECORD_SOCKETS)
+    page.goto("/")
     expect_connected(page)
+    [hello] = page.evaluate("() => window.clientFrames.filter((f) => f.type === 'hello')")
+    assert hello["cursor"] == {f"u.{alice.pk}": 0, "b": 0, f"t.{deploys.pk}": 0}
+    seen = api_send(title="Seen before the restart", users=["alice"])
+    expect(toast(page, "Seen before the restart")).to_be_visible(timeout=2_000)
+    cursor_before = hello["cursor"] | dict([stream_of(seen["id"])])
+    assert cursor(page) == cursor_before
 
     live.stop()
     expect(status(page)).to_have_attribute("data-status", "reconnecting")
     expect(status(page).locator(".status-text")).to_have_text("Reconnecting…")
 
-    # Sent while the server is down: stored, pushed to nobody.
+    # Sent while the server is down, one to each stream the page reads: stored, pushed to nobody.
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-    [missed] = run_in_thread(notification_send, users=[alice], title="Sent while you were away", level="warning")
+    missed = [
+        run_in_thread(services.notification_send, **audience, title=title, level="warning")[0]
+        for audience, title in [
+            ({"users": [alice]}, "Sent while you were away"),
+            ({"topic": deploys}, "Deployed while you were away"),
+            ({"broadcast": True}, "Announced while you were away"),
+        ]
+    ]
     page.wait_for_timeout(300)  # a few failed reconnect attempts
     expect(status(page)).to_have_attribute("data-status", "reconnecting")
+    page.evaluate("() => { window.clientFrames = []; }")
 
     live.start()  # the same port
     expect(status(page)).to_have_attribute("data-status", "connected", timeout=10_000)
-    expect(toast(page, "Sent while you were away")).to_be_visible()
-    expect(badge(page)).to_have_text("1")
+    for n in missed:
+        expect(toast(page, n.title)).to_be_visible()
+    expect(badge(page)).to_have_text("4")
     open_panel(page)
-    expect(item(page, missed.id)).to_have_class(UNREAD)
-    expect(page.locator("#notification-list .item")).to_have_count(1)
+    for n in missed:
+        expect(item(page, n.id)).to_have_class(UNREAD)
+    expect(page.locator("#notification-list .item")).to_have_count(4)  # nothing lost, nothing twice
+
+    # The reconnect named the cursor of every stream and the epoch.
+    url = page.evaluate("() => window.socketUrls.at(-1)")
+    query = parse_qs(urlsplit(url).query)
+    since = dict(pair.split(":") for pair in query["since"][0].split(","))
+    assert {key: int(offset) for key, offset in since.items()} == cursor_before
+    assert query["epoch"] == [hello["epoch"]]
+    # The server replayed exactly the three (not the one seen before), then `resumed`.
+    page.wait_for_function("() => window.clientFrames.some((f) => f.type === 'unread_count')")
+    frames = page.evaluate("() => window.clientFrames")
+    assert [f["type"] for f in frames] == ["hello", "notification", "notification", "notification",
+                                           "resumed", "unread_count"]
+    stored = Notification.objects.filter(pk__in=[n.id for n in missed]).order_by("id")
+    assert frames[1:4] == [protocol.notification_frame(n) for n in stored]  # oldest first, unread
+    cursor_after = cursor_before | dict(stream_of(n.id) for n in missed)
+    assert frames[4] == {"type": "resumed", "recovered": True, "count": 3, "cursor": cursor_after}
+    assert frames[5] == {"type": "unread_count", "count": 4}
+    assert cursor(page) == cursor_after
 
 
 # The cookie is not for other sites
@@ -220,7 +294,7 @@ def test_after_a_server_restart_the_page_reconnects_and_shows_what_was_sent_mean
 OPEN_SOCKET = """
 (url) => new Promise((resolve) => {
   const frames = [];
-  const ws = new WebSocket(url, ["notifications.v1"]);
+  const ws = new WebSocket(url, ["notifications.v2"]);
   ws.onmessage = (event) => {
     frames.push(JSON.parse(event.data));
     if (frames[0].type === "hello") { resolve({code: "open", frames}); ws.close(); }

@@ -1,15 +1,26 @@
 """A resuming WebSocket client for the fault tests and ``bench/faults.py``.
 
-It does what docs/protocol.md asks of a client: authenticate with a Bearer token, keep the
-id of the last ``notification`` frame (``hello.cursor`` before the first one) and the
-``epoch``, and when the connection ends reconnect with ``?since=<cursor>&epoch=<epoch>``,
-waiting between attempts with exponential backoff and full jitter. Given several server
-URLs it moves to the next one after every disconnect or failed attempt (fail-over).
+It does what docs/protocol.md asks of a ``notifications.v2`` client: authenticate with a Bearer
+token, keep a cursor (one offset per stream: ``hello.cursor``, then ``cursor[frame.stream] =
+frame.offset`` for each ``notification``, ``subscribed`` for a stream it has no entry for, and
+``resumed.cursor`` in place of its own) and the ``epoch``, and when the connection ends reconnect
+with ``?since=<key:offset,...>&epoch=<epoch>``, waiting between attempts with exponential backoff
+and full jitter. Given several server URLs it moves to the next one after every disconnect or
+failed attempt (fail-over).
 
 It records everything a test needs to judge delivery: every notification id in the order
 received (across connections), the close codes it saw, how long each resume took (from
 noticing the close to the ``resumed`` frame) and any ``resumed`` frame with
-``recovered: false``. ``compare`` turns those records into lost / duplicated counts.
+``recovered: false``; and every frame that is out of place: a notification that is not at the
+next offset of its stream (counted from the first ``hello.cursor``, across reconnects), whose id
+is not above the previous one of its stream, or in another stream than its audience's, and a
+``resumed`` cursor that disagrees with what was received (behind it: the next resume would
+replay notifications again; ahead: some were skipped). ``compare`` turns those records into
+lost / duplicated / out-of-order counts.
+
+The position checks assume what the fault scenarios arrange: the client's audiences (its user,
+the topics it follows, broadcasts) are set before it first connects, so it reads the whole of
+each stream of its first ``hello.cursor`` from there on.
 
 No Django imports: the bench script uses it as is.
 """
@@ -28,10 +39,26 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-SUBPROTOCOL = "notifications.v1"
+SUBPROTOCOL = "notifications.v2"
 WS_PATH = "/ws/notifications/"
-# Close codes after which retrying with the same credentials is pointless (docs/protocol.md).
-FATAL_CLOSE_CODES = {4001, 4003, 4009, 4400}
+# Close codes after which retrying with the same credentials (or the same client) is pointless
+# (docs/protocol.md).
+FATAL_CLOSE_CODES = {4001, 4003, 4009, 4400, 4426}
+ANOMALY_EXAMPLES = 10  # out-of-place frames kept per client, for the failure message
+
+
+def format_cursor(cursor: dict[str, int]) -> str:
+    """A cursor as ``?since=`` writes it: ``key:offset`` pairs separated by commas."""
+    return ",".join(f"{key}:{offset}" for key, offset in sorted(cursor.items()))
+
+
+def _is_cursor(value) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in value.items())
+
+
+class ProtocolMismatch(Exception):
+    """The server does not speak the protocol this client does: stop, do not reconnect."""
 
 
 @dataclass
@@ -65,9 +92,21 @@ class ResumingClient:
         # Delivery records
         self.received: list[int] = []
         self.received_set: set[int] = set()
-        self.cursor: int | None = None
+        self.user_id: int | None = None
+        self.cursor: dict[str, int] | None = None  # what the protocol says to keep, and resume with
         self.epoch: str | None = None
-        self.out_of_order = 0  # notifications with an id not above the previous one
+        # Position records: the last offset and id received in each stream (from the first hello's
+        # cursor), the stream each topic's notifications came in, and what was out of place.
+        self.offsets: dict[str, int] = {}
+        self.last_ids: dict[str, int] = {}
+        self.topic_streams: dict[str, str] = {}
+        self.out_of_order = 0
+        self.anomalies: Counter = Counter()  # kind -> count
+        self.anomaly_examples: list[dict] = []
+        # What this client saw, one short line per notification, hello and resumed frame (for the
+        # failure message: the lines around the first out-of-place frame).
+        self.trace: list[str] = []
+        self.first_anomaly_at: int | None = None
         # Connection records
         self.hellos = 0
         self.failed_attempts = 0  # handshakes that failed (refused, timed out, HTTP error)
@@ -79,6 +118,8 @@ class ResumingClient:
         self.ready = asyncio.Event()
         self.ws: ClientConnection | None = None
         self._closed_at: float | None = None
+        self._since: dict[str, int] | None = None  # the cursor this connection resumed from
+        self._replaying = False  # between a resuming connection's hello and its resumed
         self._pongs: dict[str, asyncio.Future] = {}
         self._stopping = False
         self._task: asyncio.Task | None = None
@@ -103,15 +144,17 @@ class ResumingClient:
         base = self.servers[self.server_index % len(self.servers)]
         query = {}
         if self.cursor is not None:
-            query["since"] = str(self.cursor)
+            query["since"] = format_cursor(self.cursor)
             if self.epoch:
                 query["epoch"] = self.epoch
-        return f"{base}{self.path}" + (f"?{urlencode(query)}" if query else "")
+        return f"{base}{self.path}" + (f"?{urlencode(query, safe=':,')}" if query else "")
 
     async def run(self) -> None:
         attempt = 0
         while not self._stopping:
             resuming = self.cursor is not None
+            self._since = dict(self.cursor) if resuming else None
+            self._replaying = False
             try:
                 ws = await connect(
                     self.url(),
@@ -129,11 +172,18 @@ class ResumingClient:
                 continue
             self.ws = ws
             try:
+                if ws.subprotocol != SUBPROTOCOL:
+                    raise ProtocolMismatch(f"the server chose the subprotocol {ws.subprotocol!r}, not {SUBPROTOCOL}")
                 async for text in ws:
                     if self._handle(json.loads(text), resuming):
                         attempt = 0
             except ConnectionClosed:
                 pass
+            except ProtocolMismatch as exc:
+                self.fatal = str(exc)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(ws.close(), 5)
+                return
             finally:
                 self.ws = None
                 self.ready.clear()
@@ -155,31 +205,48 @@ class ResumingClient:
         """Apply one frame; True when the connection became live (a successful (re)connect)."""
         kind = frame.get("type")
         if kind == "notification":
-            notification_id = frame["id"]
-            if self.received and notification_id <= self.received[-1]:
-                self.out_of_order += 1
-            self.received.append(notification_id)
-            self.received_set.add(notification_id)
-            self.cursor = notification_id if self.cursor is None else max(self.cursor, notification_id)
+            self._notification(frame)
         elif kind == "hello":
             self.hellos += 1
+            cursor = frame.get("cursor")
+            if frame.get("protocol") != SUBPROTOCOL or not _is_cursor(cursor):
+                raise ProtocolMismatch(f"not a {SUBPROTOCOL} hello: {frame!r}"[:300])
             if self.epoch is None:
                 self.epoch = frame["epoch"]
-            if self.cursor is None:
-                self.cursor = frame["cursor"]
+            self.trace.append(f"c{self.hellos} hello cursor={format_cursor(cursor)}")
+            if self.cursor is None:  # the first connection; a resuming one keeps its own cursor
+                self.user_id = frame["user"]["id"]
+                self.cursor = dict(cursor)
+                self.offsets = dict(cursor)
             if not resuming:
                 self.ready.set()
                 return True
+            self._replaying = True
         elif kind == "resumed":
+            self._replaying = False
             if self._closed_at is not None:
                 self.resume_times.append(time.monotonic() - self._closed_at)
                 self._closed_at = None
+            cursor = frame.get("cursor")
+            if not _is_cursor(cursor):
+                raise ProtocolMismatch(f"not a {SUBPROTOCOL} resumed frame: {frame!r}"[:300])
+            self.trace.append(f"c{self.hellos} resumed recovered={frame.get('recovered')} count={frame.get('count')} "
+                              f"cursor={format_cursor(cursor)}")
             if not frame.get("recovered"):
                 self.unrecovered.append(frame)
-                # A real client reloads its inbox here; continue from the server's cursor.
-                self.cursor = frame["cursor"]
+                # A real client reloads its inbox here; positions continue from the server's cursor.
+                self.offsets.update(cursor)
+            else:
+                self._check_resumed_cursor(cursor)
+            self.cursor = dict(cursor)
             self.ready.set()
             return True
+        elif kind == "subscribed":
+            stream, offset = frame.get("stream"), frame.get("offset")
+            if self.cursor is not None and isinstance(stream, str) and isinstance(offset, int):
+                if stream not in self.cursor:
+                    self.cursor[stream] = offset
+                self.offsets.setdefault(stream, offset)
         elif kind == "pong":
             future = self._pongs.pop(str(frame.get("id")), None)
             if future is not None and not future.done():
@@ -187,6 +254,63 @@ class ResumingClient:
         elif kind == "error":
             self.errors.append(frame)
         return False
+
+    def _notification(self, frame: dict) -> None:
+        """Record a notification and check its position: the next offset of its audience's stream,
+        with an id above the previous one of that stream."""
+        notification_id, stream, offset = frame["id"], frame.get("stream"), frame.get("offset")
+        self.received.append(notification_id)
+        self.received_set.add(notification_id)
+        self.trace.append(f"c{self.hellos} {'replay' if self._replaying else 'live'} {stream}:{offset} "
+                          f"id={notification_id}")
+        if not isinstance(stream, str) or not isinstance(offset, int) or isinstance(offset, bool):
+            self._anomaly("no_position", frame)
+            return
+        expected_stream = self._stream_of(frame)
+        if expected_stream is not None and stream != expected_stream:
+            self._anomaly("wrong_stream", frame, expected=expected_stream)
+        previous = self.offsets.get(stream)
+        if previous is not None and offset != previous + 1:
+            self._anomaly("offset_gap" if offset > previous + 1 else "offset_behind", frame, expected=previous + 1)
+        previous_id = self.last_ids.get(stream)
+        if previous_id is not None and notification_id <= previous_id:
+            self._anomaly("id_not_rising", frame, previous_id=previous_id)
+        self.offsets[stream] = offset if previous is None else max(previous, offset)
+        self.last_ids[stream] = notification_id if previous_id is None else max(previous_id, notification_id)
+        if self.cursor is not None:
+            self.cursor[stream] = offset
+
+    def _stream_of(self, frame: dict) -> str | None:
+        """The stream a notification must come in, from its audience (None: not known here)."""
+        audience = frame.get("audience")
+        if audience == "broadcast":
+            return "b"
+        if audience == "user":
+            return None if self.user_id is None else f"u.{self.user_id}"
+        if audience == "topic":
+            # A topic's stream is named by its id, which frames do not carry: the same for every one.
+            return self.topic_streams.setdefault(frame.get("topic"), frame.get("stream"))
+        return None
+
+    def _check_resumed_cursor(self, cursor: dict[str, int]) -> None:
+        """A recovered resume's cursor is where this client is: it received the replay up to it."""
+        mine = self.cursor or {}
+        for stream in sorted(set(mine) & set(cursor)):
+            if cursor[stream] != mine[stream]:
+                kind = "resumed_cursor_behind" if cursor[stream] < mine[stream] else "resumed_cursor_ahead"
+                self._anomaly(kind, {"type": "resumed", "cursor": cursor}, stream=stream, received=mine[stream])
+
+    def _anomaly(self, kind: str, frame: dict, **details) -> None:
+        self.out_of_order += 1
+        if self.first_anomaly_at is None:
+            self.first_anomaly_at = len(self.trace) - 1
+        self.anomalies[kind] += 1
+        if len(self.anomaly_examples) < ANOMALY_EXAMPLES:
+            shown = {k: frame.get(k) for k in ("type", "id", "audience", "topic", "stream", "offset", "cursor")
+                     if k in frame}
+            self.anomaly_examples.append({"kind": kind, "frame": shown, **details, "connection": self.hellos,
+                                          "during": "replay" if self._replaying else "live",
+                                          "since": self._since, "received_before": len(self.received) - 1})
 
     # Requests
 
@@ -215,6 +339,12 @@ class ResumingClient:
             self._closed_at = time.monotonic()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 5)
+
+    def trace_around_anomaly(self, before: int = 12, after: int = 4) -> list[str]:
+        """The trace lines around the first out-of-place frame (none if there was none)."""
+        if self.first_anomaly_at is None:
+            return []
+        return self.trace[max(0, self.first_anomaly_at - before): self.first_anomaly_at + after + 1]
 
     def has_all(self, expected: set[int]) -> bool:
         return len(self.received_set) >= len(expected) and expected.issubset(self.received_set)
@@ -276,20 +406,26 @@ class Report:
     lost: int
     duplicated: int
     unexpected: int  # notifications a client received that were not for it (or not sent)
+    # Frames out of place: a notification not at the next offset of its stream, with an id not
+    # above the previous one of its stream, or in another stream than its audience's; a recovered
+    # resume whose cursor disagrees with what the client received (``order_problems`` by kind).
     out_of_order: int
     unrecovered: int  # resumed frames with recovered: false
     reconnects: int
     failed_attempts: int
     close_codes: dict = field(default_factory=dict)
+    order_problems: dict = field(default_factory=dict)
     resume_p50: float | None = None
     resume_p99: float | None = None
     resume_max: float | None = None
     resumes: int = 0
+    fatal: int = 0  # clients that stopped for good (a fatal close code, a server of another protocol)
     examples: list = field(default_factory=list)  # a few clients' problems, for the failure message
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicated or self.unexpected or self.out_of_order or self.unrecovered)
+        return not (self.lost or self.duplicated or self.unexpected or self.out_of_order or self.unrecovered
+                    or self.fatal)
 
     def figures(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "examples"}
@@ -300,8 +436,9 @@ class Report:
 
         return (f"clients={self.clients} sent={self.sent} expected={self.expected} received={self.received} "
                 f"lost={self.lost} duplicated={self.duplicated} unexpected={self.unexpected} "
-                f"out_of_order={self.out_of_order} unrecovered={self.unrecovered} reconnects={self.reconnects} "
-                f"failed_attempts={self.failed_attempts} close_codes={self.close_codes} resumes={self.resumes} "
+                f"out_of_order={self.out_of_order} {self.order_problems or ''} unrecovered={self.unrecovered} "
+                f"fatal={self.fatal} reconnects={self.reconnects} failed_attempts={self.failed_attempts} "
+                f"close_codes={self.close_codes} resumes={self.resumes} "
                 f"resume_p50={ms(self.resume_p50)} resume_p99={ms(self.resume_p99)} "
                 f"resume_max={ms(self.resume_max)}")
 
@@ -310,6 +447,7 @@ def compare(clients: list[ResumingClient], expected_for, sent: int) -> Report:
     """Compare what each client received with ``expected_for(client)`` (a set of ids)."""
     totals = Counter()
     codes = Counter()
+    problems = Counter()
     resume_times: list[float] = []
     examples = []
     for client in clients:
@@ -321,19 +459,24 @@ def compare(clients: list[ResumingClient], expected_for, sent: int) -> Report:
         totals.update(expected=len(expected), received=len(client.received), lost=len(lost),
                       unexpected=len(unexpected), duplicated=duplicated, out_of_order=client.out_of_order,
                       unrecovered=len(client.unrecovered), reconnects=max(0, client.hellos - 1),
-                      failed_attempts=client.failed_attempts)
+                      failed_attempts=client.failed_attempts, fatal=client.fatal is not None)
         codes.update("none" if c is None else str(c) for c in client.close_codes)
+        problems.update(client.anomalies)
         resume_times += client.resume_times
-        if (lost or unexpected or duplicated or client.out_of_order or client.unrecovered) and len(examples) < 5:
+        troubled = lost or unexpected or duplicated or client.out_of_order or client.unrecovered or client.fatal
+        if troubled and len(examples) < 5:
             examples.append({"client": client.name, "lost": sorted(lost)[:10], "unexpected": sorted(unexpected)[:10],
                              "duplicated": duplicated, "out_of_order": client.out_of_order,
+                             "order_problems": client.anomaly_examples[:5], "trace": client.trace_around_anomaly(),
                              "unrecovered": client.unrecovered[:2], "closes": client.close_codes[:5],
-                             "errors": client.errors[:3], "fatal": client.fatal})
+                             "errors": client.errors[:3], "fatal": client.fatal, "cursor": client.cursor})
     return Report(
         clients=len(clients), sent=sent, expected=totals["expected"], received=totals["received"],
         lost=totals["lost"], duplicated=totals["duplicated"], unexpected=totals["unexpected"],
         out_of_order=totals["out_of_order"], unrecovered=totals["unrecovered"], reconnects=totals["reconnects"],
         failed_attempts=totals["failed_attempts"], close_codes=dict(sorted(codes.items())),
+        order_problems=dict(sorted(problems.items())),
         resume_p50=percentile(resume_times, 50), resume_p99=percentile(resume_times, 99),
-        resume_max=max(resume_times) if resume_times else None, resumes=len(resume_times), examples=examples,
+        resume_max=max(resume_times) if resume_times else None, resumes=len(resume_times),
+        fatal=totals["fatal"], examples=examples,
     )

@@ -6,13 +6,16 @@ daphne, ``project.asgi:application`` exactly as in production) on the given data
 Redis, connects ``ResumingClient``s, sends notifications through a server's REST API as a
 staff user, injects the fault, waits (bounded) until every client has everything its
 audience was sent, and returns an ``Outcome``: the delivery ``Report`` (lost, duplicated,
-resume times...) and the facts specific to the fault (close codes, HTTP statuses during
-the outage, log lines...). Nothing here asserts: callers judge.
+out of order, resume times...) and the facts specific to the fault (close codes, HTTP
+statuses during the outage, log lines...). Nothing here asserts: callers judge.
 
 Audience: ``populate`` creates users (half of them follow the topic ``faults``) and a staff
 sender; the sender cycles broadcast, topic, personal, personal (rotating over the users),
-so every client's expected sequence mixes the three audiences. Client ``i`` is a
-connection of user ``i % len(users)``.
+so every client reads three streams at once (``b``, ``t.<faults' id>`` for followers, and its
+user's ``u.<id>``), each numbered on its own (docs/protocol.md, "Cursors"). Client ``i`` is a
+connection of user ``i % len(users)``. Audiences are set before any client connects and
+every send comes after, so each client must receive every offset of each of its streams
+after its first ``hello.cursor``, in order, once (``tests/faults/client.py`` checks it).
 """
 
 import asyncio
@@ -30,7 +33,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tests.server import HOST, LiveServer, free_port, http_request, start_daphne, start_uvicorn
 
-from .client import Backoff, Report, ResumingClient, compare, start_clients, stop_clients, wait_until
+from .client import (
+    SUBPROTOCOL,
+    WS_PATH,
+    Backoff,
+    Report,
+    ResumingClient,
+    compare,
+    start_clients,
+    stop_clients,
+    wait_until,
+)
 
 TOPIC = "faults"
 PRESENCE_TTL_DEFAULT = 45  # the documented default of PRESENCE_TTL
@@ -386,8 +399,8 @@ async def probe_handshake(server: LiveServer, token: str, timeout: float = 5.0) 
 
     try:
         async with asyncio.timeout(timeout):
-            async with connect(f"{ws_base(server)}/ws/notifications/",
-                               additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            async with connect(f"{ws_base(server)}{WS_PATH}", additional_headers={"Authorization": f"Bearer {token}"},
+                               subprotocols=[SUBPROTOCOL]) as ws:
                 seen = []
                 try:
                     async for text in ws:

@@ -92,7 +92,12 @@ frame_objects = st.fixed_dictionaries(
         "topic": st.one_of(st.sampled_from(["deploys", "secret", "nope"]), strings, json_values),
         "ids": st.one_of(st.lists(st.integers(1, 40), min_size=1, max_size=5), st.lists(numbers, max_size=110),
                          json_values),
-        "since": st.one_of(st.integers(0, 60), numbers, strings, json_values),
+        "since": st.one_of(st.integers(0, 60), numbers, strings, json_values, cursors := st.one_of(
+            st.dictionaries(st.sampled_from(["b", "u.1", "u.2", "t.1", "t.999999", "x.1", "u.01", "t."]),
+                            st.one_of(st.integers(-1, 14), numbers, strings), max_size=4),
+            st.lists(st.tuples(st.sampled_from(["b", "u.1", "t.1", "", "b:"]), st.integers(-1, 14)), max_size=4)
+            .map(lambda pairs: ",".join(f"{k}:{v}" for k, v in pairs)),
+        )),
         "epoch": st.one_of(strings, json_values),
     },
 ).flatmap(lambda frame: st.dictionaries(strings, json_values, max_size=3).map(lambda extra: {**extra, **frame}))
@@ -110,7 +115,7 @@ plausible_requests = st.one_of(
     st.fixed_dictionaries({"type": st.just("mark_read"), "ids": st.lists(st.integers(1, 12), min_size=1, max_size=4)},
                           optional={"id": request_ids}),
     st.fixed_dictionaries(
-        {"type": st.just("resume"), "since": st.one_of(st.integers(0, 12), st.integers(0, 12).map(str))},
+        {"type": st.just("resume"), "since": cursors},
         optional={"id": request_ids, "epoch": st.one_of(st.none(), st.text(max_size=33))},
     ),
 )
@@ -345,12 +350,11 @@ def test_every_error_and_close_code_of_the_server_is_in_docs_protocol_md():
 
 async def test_a_cursor_of_non_ascii_digits_is_invalid_not_a_server_error(ws, alice_token, caplog):
     comm, _ = await ws(alice_token)
-    await comm.send_json_to({"type": "resume", "since": "²", "id": 1})
+    await comm.send_json_to({"type": "resume", "since": {"b": "²"}, "id": 1})
     assert await comm.receive_json_from(timeout=5) == {
-        "type": "error", "code": "invalid", "id": 1, "fields": {"since": "invalid"},
-        "message": "'since' must be the id of the last notification received (an integer >= 0).",
+        "type": "error", "code": "invalid", "id": 1, "fields": {"since": "invalid"}, "message": protocol.CURSOR_HELP,
     }
-    refused = await ws(alice_token, path=f"{WS_PATH}?since=%C2%B2", hello=False)
+    refused = await ws(alice_token, path=f"{WS_PATH}?since=b:%C2%B2", hello=False)
     assert (await refused.receive_json_from(timeout=5))["code"] == "invalid"
     assert (await refused.receive_output(timeout=5))["code"] == protocol.CLOSE_BAD_REQUEST
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

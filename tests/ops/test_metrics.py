@@ -14,6 +14,7 @@ from notifications import services
 from notifications.auth import WebSocketAuthMiddlewareStack
 from notifications.consumers import NotificationConsumer
 from tests.conftest import WS_PATH, bearer, token_for
+from tests.faults.client import format_cursor
 from tests.server import recv_json, send_json
 
 FORBIDDEN = {"error": {"code": "forbidden", "message": (
@@ -104,10 +105,11 @@ async def test_counters_move_on_connect_send_frames_resume_and_close(ws, alice, 
     assert (await comm.receive_json_from(timeout=5))["code"] == "bad_json"
     await other.disconnect(code=1000)
 
-    resumed, _ = await ws(alice_token, path=f"{WS_PATH}?since={hello['cursor']}&epoch={hello['epoch']}")
+    since = format_cursor(hello["cursor"])  # before the two sends: both are replayed
+    resumed, _ = await ws(alice_token, path=f"{WS_PATH}?since={since}&epoch={hello['epoch']}")
     frames = [await resumed.receive_json_from(timeout=5) for _ in range(4)]
     assert [f["type"] for f in frames] == ["notification", "notification", "resumed", "unread_count"]
-    stale, _ = await ws(alice_token, path=f"{WS_PATH}?since={hello['cursor']}&epoch=another")
+    stale, _ = await ws(alice_token, path=f"{WS_PATH}?since={since}&epoch=another")
     assert (await stale.receive_json_from(timeout=5))["reason"] == "epoch_changed"
 
     refused = WebsocketCommunicator(WebSocketAuthMiddlewareStack(NotificationConsumer.as_asgi()), WS_PATH)

@@ -17,7 +17,7 @@ from .serving import SERVE, free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
-SUBPROTOCOL = "notifications.v1"
+SUBPROTOCOL = "notifications.v2"
 
 
 def ipv6_loopback() -> bool:
@@ -46,7 +46,7 @@ async def test_ipv4_http_and_websocket_on_one_port_with_subprotocol_and_server_h
     assert ws.subprotocol == SUBPROTOCOL
     assert ws.response.headers["Sec-WebSocket-Protocol"] == SUBPROTOCOL
     assert ws.response.headers.get_all("Server") == ["notify-test"]
-    assert hello["user"]["id"] == alice.pk
+    assert (hello["protocol"], hello["version"], hello["user"]["id"]) == (SUBPROTOCOL, 2, alice.pk)
     plain, _ = await hello_over(server, alice_token)  # no subprotocol offered: none chosen
     assert plain.subprotocol is None and "Sec-WebSocket-Protocol" not in plain.response.headers
     for w in (ws, plain):

@@ -44,17 +44,21 @@ async def test_personal_topic_and_broadcast_sends_reach_both_processes(serve, de
     assert followed.status == 200, followed.text
     (on_a, hello_a), (on_b, hello_b) = await hello(a, alice_token), await hello(b, alice_token)
     assert hello_a["topics"] == hello_b["topics"] == ["deploys"]
-    assert hello_a["cursor"] == hello_b["cursor"]
+    cursor = hello_a["cursor"]
+    assert hello_b["cursor"] == cursor
+    streams = [f"u.{alice.pk}", f"t.{deploys.pk}", "b"]  # her own, the topic's, the broadcasts'
+    assert sorted(cursor) == sorted(streams)
 
     audiences = [{"users": ["alice"]}, {"topic": "deploys"}, {"broadcast": True}]
-    for i, audience in enumerate(audiences):
+    for i, (audience, stream) in enumerate(zip(audiences, streams, strict=True)):
         sender = (a, b)[i % 2]  # sent through either process
         response = await sender.request_async("POST", "/api/notifications/", token=staff_token,
                                               json_body={"title": f"send {i}", **audience})
         assert response.status == 201, response.text
         [sent] = response.json()["notifications"]
+        position = {"stream": stream, "offset": cursor[stream] + 1}  # the next offset of its stream
         for ws in (on_a, on_b):
-            assert await recv_json(ws) == {"type": "notification", **sent}
+            assert await recv_json(ws) == {"type": "notification", **sent, **position}
     for ws in (on_a, on_b):
         await expect_no_frame(ws, 0.3)
         await ws.close()
@@ -137,7 +141,7 @@ async def test_a_topic_deleted_in_one_process_leaves_sockets_on_both_and_its_slu
     )
     assert deleted.status == 302, deleted.text[:500]
     for ws in (alice_a, alice_b):
-        assert await recv_json(ws) == {"type": "unsubscribed", "topic": "deploys"}
+        assert await recv_json(ws) == {"type": "unsubscribed", "topic": "deploys", "stream": f"t.{deploys.pk}"}
 
     private = await sync_to_async(Topic.objects.create)(slug="deploys", title="Deploys", private=True)
     await sync_to_async(private.members.add)(bob)
@@ -146,4 +150,51 @@ async def test_a_topic_deleted_in_one_process_leaves_sockets_on_both_and_its_slu
     assert sent.status == 201, sent.text
     for ws in (alice_a, alice_b):
         await expect_no_frame(ws, 0.5)
+        await ws.close()
+
+
+def hub_messages(server) -> dict[str, float]:
+    """``notifications_hub_messages_received_total`` by kind, from the server's /metrics."""
+    text = server.request("GET", "/metrics").text
+    found = re.findall(r'^notifications_hub_messages_received_total\{kind="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {kind: float(value) for kind, value in found}
+
+
+async def test_each_process_receives_only_the_audiences_of_its_own_sockets(
+    serve, deploys, alice, bob, alice_token, bob_token, staff_token
+):
+    """A personal send reaches only the process where its user is connected; a topic only those
+    with a follower; a broadcast every process with a socket (issue: routing by audience)."""
+    a, b = await two_servers(serve)
+    followed = await a.request_async("POST", "/api/topics/deploys/follow/", token=alice_token)
+    assert followed.status == 200, followed.text
+    (alice_a, first), (bob_b, _) = await hello(a, alice_token), await hello(b, bob_token)
+    before_a, before_b = await asyncio.to_thread(hub_messages, a), await asyncio.to_thread(hub_messages, b)
+
+    sent = []
+    for i in range(200):  # through either process: the sender's process need not serve the user
+        response = await (a, b)[i % 2].request_async("POST", "/api/notifications/", token=staff_token,
+                                                     json_body={"title": f"p{i}", "users": ["alice"]})
+        assert response.status == 201, response.text
+        sent.append(response.json()["notifications"][0]["id"])
+    frames = [await recv_json(alice_a) for _ in sent]
+    mine = f"u.{alice.pk}"
+    assert [f["id"] for f in frames] == sent
+    assert [f["offset"] for f in frames] == list(range(first["cursor"][mine] + 1, first["cursor"][mine] + 201))
+
+    topic = await b.request_async("POST", "/api/notifications/", token=staff_token,
+                                  json_body={"title": "deployed", "topic": "deploys"})
+    everyone = await b.request_async("POST", "/api/notifications/", token=staff_token,
+                                     json_body={"title": "all", "broadcast": True})
+    assert (topic.status, everyone.status) == (201, 201)
+    assert [(await recv_json(alice_a))["title"] for _ in range(2)] == ["deployed", "all"]
+    assert (await recv_json(bob_b))["title"] == "all"
+    await expect_no_frame(bob_b, 0.3)
+
+    after_a, after_b = await asyncio.to_thread(hub_messages, a), await asyncio.to_thread(hub_messages, b)
+    received_a = {k: after_a.get(k, 0) - before_a.get(k, 0) for k in ("user", "topic", "broadcast")}
+    received_b = {k: after_b.get(k, 0) - before_b.get(k, 0) for k in ("user", "topic", "broadcast")}
+    assert received_a == {"user": 200, "topic": 1, "broadcast": 1}
+    assert received_b == {"user": 0, "topic": 0, "broadcast": 1}  # nobody there reads alice's or the topic
+    for ws in (alice_a, bob_b):
         await ws.close()

@@ -1,5 +1,5 @@
 /**
- * NotificationClient: a browser client for the `notifications.v1` WebSocket protocol.
+ * NotificationClient: a browser client for the `notifications.v2` WebSocket protocol.
  *
  * One file, no build step, no dependencies: copy it into your site, or serve it from
  * this app (`{% static "notifications/client.js" %}`). The protocol is described in
@@ -7,23 +7,27 @@
  *
  * - connects to /ws/notifications/ with the session cookie (same origin), or first
  *   POSTs `ticketUrl` for a one-time ticket and connects with `?ticket=` (another origin);
- * - offers the subprotocol `notifications.v1`;
+ * - offers the subprotocol `notifications.v2`;
  * - reconnects after a lost connection with exponential backoff and full jitter
  *   (a random delay in [0, min(maxDelay, baseDelay * 2^attempt)]), and starts the
  *   backoff over once a connection has stayed up for `stableAfter` ms;
- * - never reconnects after close 4001 (unauthenticated) or 4003 (forbidden): the status
- *   becomes "offline" and `detail.reason` says why (a fresh ticket is fetched once after
- *   `invalid_ticket`, since a ticket works only once); after close 4010 (the session logged
- *   out or the password changed) it reconnects, and the handshake says whether the session
- *   is still valid;
+ * - never reconnects after close 4001 (unauthenticated), 4003 (forbidden) or 4426 (the
+ *   server no longer speaks this client's protocol version): the status becomes "offline"
+ *   and `detail.reason` says why ("signed_out", "forbidden", "unsupported_protocol"; a fresh
+ *   ticket is fetched once after `invalid_ticket`, since a ticket works only once); after
+ *   close 4010 (the session logged out or the password changed) it reconnects, and the
+ *   handshake says whether the session is still valid;
  * - keeps the unread count: `hello.unread_count`, +1 per new `notification` frame, and
  *   the absolute count of `unread_count` and `ack` frames. Every tab has its own socket
  *   and gets the same frames; a BroadcastChannel tells the other tabs of this browser
  *   which items were read or dismissed, so their lists match too;
  * - never reports the same notification twice (deduplicated by id);
- * - keeps its cursor (the id of the last notification it saw, and the `epoch` from
- *   `hello`) and reconnects with `?since=<cursor>&epoch=<epoch>`: the server replays what
- *   was missed, in order, each once (reported with source "missed"), then `resumed`;
+ * - keeps its cursor, its position in each stream it reads (`{"u.1": 17, "b": 120, "t.7": 3}`:
+ *   `hello.cursor`, then `cursor[stream] = offset` of each `notification`, a stream added by
+ *   `subscribed`, replaced by `resumed.cursor`), and the `epoch` from `hello`; it reconnects
+ *   with `?since=u.1:17,b:120,t.7:3&epoch=<epoch>`: the server replays what was missed, in
+ *   order, each once (reported with source "missed"), then `resumed`. After close 4400 (the
+ *   server refused that cursor) the next connect starts afresh, with an inbox re-fetch;
  * - loads the newest inbox page (`GET /api/notifications/`) on the first connect, and
  *   again whenever a resume is not possible (`resumed.recovered === false`): the store
  *   is the source of truth;
@@ -42,14 +46,17 @@
  *   client.follow("deploys"); client.unfollow("deploys"); await client.fetchTopics();
  *
  * State you may read: client.status, client.unreadCount, client.notifications (newest
- * first), client.topics (slugs followed), client.user, client.lastSeenId, client.inboxLoaded.
+ * first), client.topics (slugs followed), client.user, client.cursor ({stream: offset}),
+ * client.epoch, client.inboxLoaded.
  */
 (function (root) {
   "use strict";
 
-  const SUBPROTOCOL = "notifications.v1";
+  const SUBPROTOCOL = "notifications.v2";
   const CLOSE_UNAUTHENTICATED = 4001;
   const CLOSE_FORBIDDEN = 4003;
+  const CLOSE_BAD_CURSOR = 4400;
+  const CLOSE_UNSUPPORTED_PROTOCOL = 4426;
 
   const DEFAULTS = {
     url: "/ws/notifications/", // a path on this site, or an absolute ws(s):// or http(s):// URL
@@ -91,7 +98,7 @@
       this.user = null;
       this.unreadCount = 0;
       this.topics = new Set(); // slugs this user follows
-      this.lastSeenId = 0; // the cursor: the newest notification id this client has seen
+      this.cursor = {}; // stream -> offset of the last notification seen in it (docs/protocol.md, "Cursors")
       this.epoch = null; // hello.epoch: names the store the cursor belongs to
       this._resuming = false; // between a connect with ?since= and its `resumed` frame
       this._byId = new Map(); // id -> notification (the dedupe set and the list)
@@ -145,7 +152,7 @@
       const url = wsUrl(this.options.url);
       this._resuming = this._caughtUpOnce && this.epoch !== null;
       if (this._resuming) {
-        url.searchParams.set("since", String(this.lastSeenId));
+        url.searchParams.set("since", cursorParam(this.cursor));
         url.searchParams.set("epoch", this.epoch);
       }
       if (this.options.ticketUrl) {
@@ -201,6 +208,11 @@
       this._pending.clear();
       if (this._stopped) return;
       const error = this._handshakeError;
+      if (event.code === CLOSE_UNSUPPORTED_PROTOCOL) {
+        this._setStatus("offline", { reason: "unsupported_protocol", code: event.code, error: error && error.code });
+        return;
+      }
+      if (event.code === CLOSE_BAD_CURSOR) this.epoch = null; // resuming from it cannot work: start afresh
       if (event.code === CLOSE_UNAUTHENTICATED || event.code === CLOSE_FORBIDDEN) {
         // A ticket works once and for seconds: after `invalid_ticket`, try once with a new one.
         const newTicket = this.options.ticketUrl && error && error.code === "invalid_ticket" && !this._ticketRetried;
@@ -256,9 +268,9 @@
     _on_hello(frame) {
       this.user = frame.user;
       this.unreadCount = frame.unread_count;
-      // On the first connect the cursor starts at the stream position; later, an inbox
-      // re-fetch (when resuming is not possible) decides what was missed instead.
-      if (!this._caughtUpOnce) this.lastSeenId = Math.max(this.lastSeenId, frame.cursor || 0);
+      // Without a resume this connection reads live from hello's cursor (and the inbox re-fetch
+      // covers what came before); a resume keeps the old cursor until `resumed` replaces it.
+      if (!this._resuming) this.cursor = Object.assign({}, frame.cursor);
       this.epoch = frame.epoch || null;
       this.topics = new Set(frame.topics);
       this._ticketRetried = false;
@@ -272,6 +284,7 @@
 
     _on_notification(frame) {
       const { type, ...notification } = frame;
+      this.cursor[frame.stream] = frame.offset; // seen, even when its id is (deduplicated)
       // Replayed frames (before `resumed`) are already in hello's unread count.
       const source = this._resuming ? "missed" : "live";
       if (this._add(notification, source) && !notification.read && source === "live") {
@@ -282,7 +295,7 @@
 
     _on_resumed(frame) {
       this._resuming = false;
-      this.lastSeenId = Math.max(this.lastSeenId, frame.cursor);
+      this.cursor = Object.assign({}, frame.cursor);
       if (!frame.recovered) this.catchUp(); // too far behind, or the store changed: reload the inbox
     }
 
@@ -304,6 +317,8 @@
 
     _on_subscribed(frame) {
       this.topics.add(frame.topic);
+      // A topic now read from `offset` on; a stream already in the cursor keeps its position.
+      if (frame.offset !== undefined && !(frame.stream in this.cursor)) this.cursor[frame.stream] = frame.offset;
       this._changed();
     }
 
@@ -329,7 +344,6 @@
     _add(notification, source) {
       if (this._byId.has(notification.id)) return false;
       this._byId.set(notification.id, notification);
-      this.lastSeenId = Math.max(this.lastSeenId, notification.id);
       if (this.options.onNotification) this.options.onNotification(notification, source);
       this._changed();
       return true;
@@ -339,13 +353,17 @@
 
     /**
      * Re-read the newest inbox page and merge it: new items are added (source "missed"
-     * when newer than what this client saw before), read states are refreshed, and items
-     * dismissed elsewhere are dropped. Runs on the first connect and when a resume fails.
+     * when they arrived while this client was away), read states are refreshed, and items
+     * dismissed elsewhere are dropped. Runs on a connect that does not resume (the first
+     * one) and when a resume fails.
      */
     async catchUp() {
       if (!this.options.apiUrl) return;
-      const seenAtRequest = this.lastSeenId;
-      const seenBefore = this._caughtUpOnce ? seenAtRequest : Infinity;
+      const knownAtRequest = new Set(this._byId.keys());
+      // After the first load, an unknown item newer than the oldest one this client knows
+      // arrived while it was away ("missed"); an older one only moved into the page ("inbox").
+      let missedAfter = this._caughtUpOnce ? 0 : Infinity;
+      if (this._caughtUpOnce && knownAtRequest.size) missedAfter = Math.min(...knownAtRequest);
       let page;
       try {
         page = await this._api("GET", `notifications/?limit=${this.options.pageSize}`);
@@ -356,15 +374,15 @@
       this._caughtUpOnce = true;
       this.inboxLoaded = true;
       const fresh = new Map(page.results.map((n) => [n.id, n]));
-      // The page covers ids from `oldest` up; a known id in that range that the store no
-      // longer lists was dismissed elsewhere. Ids seen after the request started are kept.
+      // The page covers ids from `oldest` up; an id known before the request in that range
+      // that the store no longer lists was dismissed elsewhere. Ids seen since are kept.
       const oldest = page.next_before === null ? 0 : Math.min(...fresh.keys());
       for (const [id, known] of this._byId) {
         if (fresh.has(id)) known.read = fresh.get(id).read;
-        else if (id >= oldest && id <= seenAtRequest) this._byId.delete(id);
+        else if (id >= oldest && knownAtRequest.has(id)) this._byId.delete(id);
       }
       for (const n of page.results.slice().reverse()) {
-        this._add(n, n.id > seenBefore ? "missed" : "inbox");
+        this._add(n, n.id > missedAfter ? "missed" : "inbox");
       }
       this._changed();
     }
@@ -518,6 +536,11 @@
     _report(error) {
       if (this.options.onError) this.options.onError(error);
     }
+  }
+
+  /** A cursor as `?since=` writes it: `u.1:17,b:120,t.7:3`. */
+  function cursorParam(cursor) {
+    return Object.entries(cursor).map(([stream, offset]) => `${stream}:${offset}`).join(",");
   }
 
   function httpError(response, data) {

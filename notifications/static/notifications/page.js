@@ -33,7 +33,12 @@
     reconnecting: "Reconnecting…",
     offline: "Offline",
   };
-  const OFFLINE_TEXT = { signed_out: "Signed out", forbidden: "Offline: not allowed", stopped: "Offline" };
+  const OFFLINE_TEXT = {
+    signed_out: "Signed out",
+    forbidden: "Offline: not allowed",
+    unsupported_protocol: "Offline: reload the page", // the server was updated; this page's client.js is old
+    stopped: "Offline",
+  };
   const TOAST_MS = 6000;
   const MAX_TOASTS = 3;
   const rows = new Map(); // notification id -> <li>

@@ -1,0 +1,79 @@
+"""Streams: one per audience, each numbered on its own (docs/guarantees.md, "Cursors").
+
+A stream's key names its audience: ``u.<user id>`` (one user's personal notifications),
+``t.<topic id>`` (a topic's, by the topic's identity, never its slug) and ``b`` (broadcasts).
+The same key is the channel-layer group a server process joins while it has local sockets of
+that audience, and the name a client's cursor uses for its position in that stream.
+
+``reserve`` gives out the next offsets in the sending transaction: one upsert that increments
+each stream's row and holds the row's lock until commit, so offsets are gap-free and committed
+in order within a stream, and sends to different audiences never wait for each other.
+"""
+
+from collections.abc import Iterable
+
+from django.db import connection
+
+from .models import Audience, Stream
+
+BROADCAST = "b"
+# Rows per statement: below SQLite's and PostgreSQL's limits on parameters.
+CHUNK = 5000
+
+
+def user_stream(user_id: int) -> str:
+    return f"u.{user_id}"
+
+
+def topic_stream(topic_id: int) -> str:
+    return f"t.{topic_id}"
+
+
+def stream_of(notification) -> str:
+    """The stream of a notification: its audience's."""
+    if notification.audience == Audience.USER:
+        return user_stream(notification.recipient_id)
+    if notification.audience == Audience.TOPIC:
+        return topic_stream(notification.topic_id)
+    return BROADCAST
+
+
+def parse(key: str) -> tuple[str, int | None] | None:
+    """``("u", 42)``, ``("t", 7)`` or ``("b", None)`` for a well-formed key, else None."""
+    if key == BROADCAST:
+        return BROADCAST, None
+    kind, dot, number = key.partition(".")
+    if kind not in ("u", "t") or not dot or not number.isdigit() or len(number) > 18 or number != str(int(number)):
+        return None
+    return kind, int(number)
+
+
+def reserve(keys: Iterable[str]) -> dict[str, int]:
+    """Take the next offset of each stream (created when missing) for the current transaction.
+
+    The rows stay locked until the transaction ends; they are locked in key order, so two
+    sends to overlapping sets of users cannot deadlock."""
+    table = connection.ops.quote_name(Stream._meta.db_table)
+    offsets: dict[str, int] = {}
+    ordered = sorted(set(keys))
+    for start in range(0, len(ordered), CHUNK):
+        chunk = ordered[start : start + CHUNK]
+        values = ", ".join(["(%s, 1)"] * len(chunk))
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} ({connection.ops.quote_name('key')}, head) VALUES {values} "  # noqa: S608 - only the quoted table name and placeholders are interpolated
+                f"ON CONFLICT ({connection.ops.quote_name('key')}) DO UPDATE SET head = {table}.head + 1 "
+                f"RETURNING {connection.ops.quote_name('key')}, head",
+                chunk,
+            )
+            offsets.update(cursor.fetchall())
+    return offsets
+
+
+def heads(keys: Iterable[str]) -> dict[str, int]:
+    """The committed head of each stream (0 for a stream that has had no notification)."""
+    wanted = list(set(keys))
+    found: dict[str, int] = {}
+    for start in range(0, len(wanted), CHUNK):
+        found.update(Stream.objects.filter(key__in=wanted[start : start + CHUNK]).values_list("key", "head"))
+    return {key: found.get(key, 0) for key in wanted}

@@ -1,0 +1,159 @@
+"""Presence over several Redis servers (shards): each connection's record lives on the shard its id
+hashes to, heartbeats and removals go there, and "who is online" reads every shard. Two real
+servers: the test Redis and a private ``redis-server`` (``second_redis``)."""
+
+import asyncio
+import logging
+import time
+import uuid
+
+import pytest
+import redis
+from django.core.exceptions import ImproperlyConfigured
+
+from notifications.presence import Connection, RedisPresence, shard_index
+
+pytestmark = pytest.mark.redis
+
+
+def connection(cid: str, since: float, server: str = "host-a") -> Connection:
+    return Connection(id=cid, user_id=1, username="alice", since=since, server=server)
+
+
+@pytest.fixture
+def shards(redis_url, second_redis) -> list[str]:
+    return [redis_url, second_redis.url]
+
+
+@pytest.fixture
+def prefix(shards):
+    """A key prefix of this test's own; its keys are deleted from both shards at teardown."""
+    name = f"test-presence-{uuid.uuid4().hex[:8]}"
+    yield name
+    for url in shards:
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        try:
+            keys = list(client.scan_iter(match=f"{name}:*"))
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError:
+            pass  # the private server was stopped by the test
+        finally:
+            client.close()
+
+
+def keys_on(url: str, prefix: str) -> set[str]:
+    """The connection ids whose record is on this server (key and alive-set member)."""
+    client = redis.Redis.from_url(url)
+    try:
+        records = {k.decode().rsplit(":", 1)[1] for k in client.scan_iter(match=f"{prefix}:presence:conn:*")}
+        alive = {m.decode() for m in client.zrange(f"{prefix}:presence:alive", 0, -1)}
+    finally:
+        client.close()
+    assert records == alive, (url, records, alive)
+    return records
+
+
+async def online(presence: RedisPresence) -> list[str]:
+    return [c.id for c in await asyncio.to_thread(presence.online)]
+
+
+def test_shard_index_is_stable_and_spreads():
+    assert [shard_index("anything", 1), shard_index("", 1)] == [0, 0]
+    # CRC32: the same in every process and Python version (not hash(), which is salted per process);
+    # pinned, since processes of two versions during a rolling deploy must agree.
+    assert [shard_index(cid, 2) for cid in ("a", "b", "c", "d")] == [1, 1, 1, 0]
+    counts = [0, 0, 0]
+    for _ in range(3000):
+        counts[shard_index(uuid.uuid4().hex, 3)] += 1
+    assert all(800 < count < 1200 for count in counts), counts
+
+
+def test_several_urls_or_sentinel_masters_are_shards(settings):
+    assert RedisPresence(url="redis://a:6379/0, redis://b:6379/0,").urls == ["redis://a:6379/0", "redis://b:6379/0"]
+    assert RedisPresence(url=["redis://a:6379/0"]).shards == 1
+    settings.REDIS_URL = " redis://a:6379/0 ,redis://b:6379/1"
+    assert RedisPresence().urls == ["redis://a:6379/0", "redis://b:6379/1"]
+    settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER = [("10.0.0.1", 26379)], "shard-a, shard-b"
+    presence = RedisPresence()
+    assert (presence.masters, presence.shards) == (["shard-a", "shard-b"], 2)  # Sentinel wins, as for the layer
+    settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER, settings.REDIS_URL = [], "", ""
+    with pytest.raises(ImproperlyConfigured, match="REDIS_URL"):
+        RedisPresence()
+
+
+async def test_records_spread_over_both_shards_and_online_lists_all(shards, prefix):
+    server_a = RedisPresence(url=shards, prefix=prefix, ttl=30)
+    server_b = RedisPresence(url=",".join(shards), prefix=prefix, ttl=30)  # another process, same shards
+    ids = [f"conn-{i}" for i in range(12)]
+    start = time.time()
+    for i, cid in enumerate(ids):
+        await (server_a if i % 2 else server_b).add(connection(cid, start + i, server="a" if i % 2 else "b"))
+    placed = [keys_on(url, prefix) for url in shards]
+    assert placed == [{c for c in ids if shard_index(c, 2) == n} for n in (0, 1)]
+    assert placed[0] and placed[1]  # both shards hold some
+    assert await online(server_a) == await online(server_b) == ids  # oldest first, across shards
+
+    # Removal goes to the record's own shard, from either process.
+    for cid in ids[:6]:
+        await server_a.remove(cid)
+    assert [keys_on(url, prefix) for url in shards] == [{c for c in ids[6:] if shard_index(c, 2) == n}
+                                                        for n in (0, 1)]
+    assert await online(server_b) == ids[6:]
+    for cid in ids[6:]:
+        await server_b.remove(cid)
+    assert await online(server_a) == []
+
+
+async def test_heartbeats_refresh_each_shard_and_a_dead_process_expires_from_both(shards, prefix):
+    alive = RedisPresence(url=shards, prefix=prefix, ttl=1.5)
+    crashed = RedisPresence(url=shards, prefix=prefix, ttl=1.5)
+    live_ids, dead_ids = ["a1", "a2", "a3", "a4"], ["b1", "b2", "b3", "b4"]
+    assert {shard_index(c, 2) for c in live_ids} == {shard_index(c, 2) for c in dead_ids} == {0, 1}
+    for cid in live_ids:
+        await alive.add(connection(cid, time.time()))
+    for cid in dead_ids:
+        await crashed.add(connection(cid, time.time()))
+    assert sorted(await online(alive)) == sorted(live_ids + dead_ids)
+    # The second process "crashes": no more heartbeats, no removal.
+    crashed.local.clear()
+    for task in crashed._heartbeats.values():
+        task.cancel()
+    await asyncio.sleep(2.2)  # past the TTL; the first keeps heartbeating (every ttl/3) on both shards
+    assert sorted(await online(crashed)) == live_ids
+    for cid in live_ids:
+        await alive.remove(cid)
+
+
+async def test_a_shard_down_hides_only_its_connections_until_it_is_back(shards, prefix, second_redis, caplog):
+    presence = RedisPresence(url=shards, prefix=prefix, ttl=1.5)
+    ids = [f"c{i}" for i in range(8)]
+    for i, cid in enumerate(ids):
+        await presence.add(connection(cid, time.time() + i))
+    on_first = [c for c in ids if shard_index(c, 2) == 0]
+    assert on_first and len(on_first) < len(ids)
+
+    await asyncio.to_thread(second_redis.stop)
+    with caplog.at_level(logging.WARNING, logger="notifications.presence"):
+        assert await online(presence) == on_first  # no error: the shards that answer
+        await asyncio.sleep(2.2)  # heartbeats to the first shard go on while the second is down
+        assert await online(presence) == on_first
+    assert "shard 2 of 2 did not answer" in caplog.text
+    assert "presence heartbeat failed" in caplog.text
+
+    # Back, and empty (no persistence): the next heartbeat writes its records again.
+    await asyncio.to_thread(second_redis.start)
+    deadline = time.monotonic() + 3
+    while await online(presence) != ids and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await online(presence) == ids
+    for cid in ids:
+        await presence.remove(cid)
+    assert await online(presence) == []
+
+
+async def test_every_shard_down_is_an_error(shards, prefix, second_redis):
+    presence = RedisPresence(url=[second_redis.url], prefix=prefix)
+    await asyncio.to_thread(second_redis.stop)
+    with pytest.raises(redis.ConnectionError):
+        await asyncio.to_thread(presence.online)  # one shard: as before, the caller sees the error
