@@ -1,4 +1,4 @@
-"""The WebSocket protocol ``notifications.v1``: frame shapes, error codes, close codes.
+"""The WebSocket protocol ``notifications.v2``: frame shapes, error codes, close codes.
 
 Documented for clients in ``docs/protocol.md``; keep the two in step.
 """
