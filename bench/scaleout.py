@@ -130,7 +130,7 @@ class Server:
 
 def prefix_bytes(client) -> int:
     """Redis memory of this run's keys (presence, channel layer): other users of the Redis do not count."""
-    return sum(client.memory_usage(key) or 0 for key in client.scan_iter(match=f"{os.environ['CHANNELS_PREFIX']}*"))
+    return sum(client.memory_usage(key) or 0 for key in client.scan_iter(match=f"{os.environ['REDIS_PREFIX']}*"))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -138,6 +138,24 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def configure(name: str) -> None:
+    """A benchmark run's environment (inherited by the servers it starts), then Django: a fresh
+    SQLite database (or ``BENCH_DATABASE_URL``), the Redis at ``REDIS_URL`` under a prefix of its
+    own, production-like settings."""
+    workdir = tempfile.mkdtemp(prefix=name)
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
+    os.environ["DATABASE_URL"] = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{workdir}/db.sqlite3"
+    os.environ["REDIS_PREFIX"] = f"bench-{uuid.uuid4().hex[:8]}"
+    os.environ.setdefault("DEBUG", "0")
+    os.environ.setdefault("SECRET_KEY", "bench-only")
+    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
+    import django
+
+    django.setup()
 
 
 def setup(args) -> list[str]:
@@ -261,7 +279,7 @@ async def run(args, raws: list[str]) -> dict:
         }
     finally:
         server.stop()
-        keys = list(redis_client.scan_iter(match=f"{os.environ['CHANNELS_PREFIX']}*"))
+        keys = list(redis_client.scan_iter(match=f"{os.environ['REDIS_PREFIX']}*"))
         if keys:
             redis_client.delete(*keys)
 
@@ -278,20 +296,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the result here")
     args = parser.parse_args()
 
-    workdir = tempfile.mkdtemp(prefix="bench-scaleout-")
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
-    os.environ["DATABASE_URL"] = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{workdir}/db.sqlite3"
-    os.environ["CHANNELS_PREFIX"] = f"bench-{uuid.uuid4().hex[:8]}"
     os.environ["CHANNELS_LAYER"] = args.layer
-    os.environ.setdefault("DEBUG", "0")
-    os.environ.setdefault("SECRET_KEY", "bench-only")
-    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
     os.environ.setdefault("WS_MAX_CONNECTIONS_PER_USER", "1000")
-    os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
-    import django
-
-    django.setup()
+    configure("bench-scaleout-")
     result = asyncio.run(run(args, setup(args)))
     print(json.dumps(result, indent=2))
     if args.json:

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -93,18 +92,7 @@ def main() -> None:
     parser.add_argument("--sends", type=int, default=400)
     parser.add_argument("--json")
     args = parser.parse_args()
-    workdir = tempfile.mkdtemp(prefix="bench-share-")
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/0")
-    os.environ["DATABASE_URL"] = os.environ.get("BENCH_DATABASE_URL") or f"sqlite:///{workdir}/db.sqlite3"
-    os.environ["REDIS_PREFIX"] = f"bench-{uuid.uuid4().hex[:8]}"
-    os.environ.setdefault("DEBUG", "0")
-    os.environ.setdefault("SECRET_KEY", "bench-only")
-    os.environ.setdefault("ALLOWED_HOSTS", "127.0.0.1")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
-    import django
-
-    django.setup()
+    scaleout.configure("bench-share-")
     from django.contrib.auth.models import User
 
     raws = scaleout.setup(args)

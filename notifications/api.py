@@ -25,6 +25,7 @@ from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from . import selectors, services, throttle
 from .auth import TOO_MANY_FAILURES, AuthFailure, bearer_from_header, counted, ticket_issue, token_authenticate
+from .http import API_PREFIX, error_body
 from .models import Notification, Topic
 from .net import request_client_ip
 from .protocol import is_storable_text, notification_payload
@@ -43,10 +44,7 @@ class ApiError(Exception):
 
 
 def error_response(status: int, code: str, message: str, fields: dict | None = None) -> JsonResponse:
-    error: dict[str, Any] = {"code": code, "message": message}
-    if fields:
-        error["fields"] = fields
-    return JsonResponse({"error": error}, status=status)
+    return JsonResponse(error_body(code, message, fields), status=status)
 
 
 class ApiErrorMiddleware:
@@ -57,7 +55,7 @@ class ApiErrorMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest):
-        if not request.path.startswith("/api/"):
+        if not request.path.startswith(API_PREFIX):
             return self.get_response(request)
         limit = settings.NOTIFICATIONS["API_MAX_BODY_BYTES"]
         try:
@@ -86,7 +84,7 @@ class ApiErrorMiddleware:
         return response
 
     def process_exception(self, request, exception):
-        if request.path.startswith("/api/"):
+        if request.path.startswith(API_PREFIX):
             return error_response(500, "server_error", "The server failed to handle this request.")
         return None
 

@@ -116,8 +116,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             unread, replay = await self._unread_count(self.positions), None
         else:  # one trip to the database for the count and the replay
             self.resumed = True
-            replay = await self._replay(since, query.get("epoch", [""])[0] or None, with_hello_count=True)
-            unread = replay.pop("hello_unread_count")
+            replay = await self._replay(since, query.get("epoch", [""])[0] or None)
+            unread = replay["unread_count"]  # up to hello's cursor: the same count hello and `resumed` give
         slugs = sorted(topics.values())
         await get_presence().add(self._presence_record(slugs))  # listed before the client hears hello
         await self.send_frame(
@@ -358,7 +358,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
                 outbox.put(protocol.encode(protocol.notification_frame(notification, is_read=notification.is_read)))
             skip = outcome.pop("skip")
             outbox.skip = skip or None
-            cursor = resume.cursor_after(cursor, rows) | {k: v for k, v in skip.items()}
+            cursor = resume.cursor_after(cursor, rows) | skip
         unread = outcome.pop("unread_count")
         resumed = {"type": "resumed", **outcome, "cursor": cursor}
         if request_id is not None:
@@ -368,13 +368,10 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         outbox.release()  # the live frames held meanwhile: all after the cursor in `resumed`
 
     @database_sync_to_async
-    def _replay(self, since: dict[str, int], epoch: str | None, *, count_through: dict[str, int] | None = None,
-                with_hello_count: bool = False) -> dict:
+    def _replay(self, since: dict[str, int], epoch: str | None, *, count_through: dict[str, int] | None = None) -> dict:
         result = resume.outcome(self.user, since, epoch, self.positions)
         # Up to what the client has had (the live frames held meanwhile follow `resumed` and add one each).
         result["unread_count"] = selectors.unread_count_for(self.user, through=count_through or self.positions)
-        if with_hello_count:
-            result["hello_unread_count"] = result["unread_count"]
         return result
 
     # Helpers

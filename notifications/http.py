@@ -21,7 +21,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.utils.deprecation import MiddlewareMixin
 
-# The REST API's prefix, as in notifications.api.ApiErrorMiddleware.
+# The REST API's prefix (notifications.api.ApiErrorMiddleware uses it too).
 API_PREFIX = "/api/"
 
 # Only this origin, and no inline scripts or styles: the pages' scripts and styles are static files
@@ -48,13 +48,17 @@ def body_limit(path: str) -> int | None:
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE
 
 
-def _error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": {"code": code, "message": message}}).encode()
+def error_body(code: str, message: str, fields: dict | None = None) -> dict:
+    """The JSON body of every API error: ``{"error": {"code", "message", "fields"?}}``."""
+    error: dict = {"code": code, "message": message}
+    if fields:
+        error["fields"] = fields
+    return {"error": error}
 
 
 async def _refuse(send, status: int, code: str, message: str) -> None:
     """Answer ``status`` with the API's JSON error, and close the connection after it."""
-    body = _error_body(code, message)
+    body = json.dumps(error_body(code, message)).encode()
     await send({
         "type": "http.response.start",
         "status": status,

@@ -111,7 +111,7 @@ class Hub:
             return None
         stream = streams.topic_stream(topic_id)
         self.idle_since.pop(stream, None)
-        if not self.sequencer.is_ready(stream) or stream in self.leaving:
+        if not self.sequencer.is_ready(stream):  # (a stream being left is not ready)
             await self._join([stream])
         if topic_id in outbox.topics or outbox not in self.registry.everyone:
             if not self.registry.readers(stream):
@@ -145,7 +145,7 @@ class Hub:
         waiting = []
         for stream in wanted:
             self.idle_since.pop(stream, None)
-            if self.sequencer.is_ready(stream) and stream not in self.leaving:
+            if self.sequencer.is_ready(stream):  # (a stream being left is not ready)
                 positions[stream] = self.sequencer.position(stream)  # before any await: nothing missed
             else:
                 waiting.append(stream)

@@ -37,31 +37,37 @@ async def hello(server, token):
     return ws, frame
 
 
-async def test_personal_topic_and_broadcast_sends_reach_both_processes(serve, deploys, alice, alice_token,
-                                                                       staff_token):
-    a, b = await two_servers(serve)
-    followed = await a.request_async("POST", "/api/topics/deploys/follow/", token=alice_token)
+async def sends_through_either_reach_a_user_on_both(a, b, topic, user, token, staff_token, *, rounds: int = 1):
+    """The user, following ``topic``, is connected to both servers; personal, topic and broadcast
+    sends through either server reach both sockets, each at the next offset of its stream."""
+    followed = await a.request_async("POST", f"/api/topics/{topic.slug}/follow/", token=token)
     assert followed.status == 200, followed.text
-    (on_a, hello_a), (on_b, hello_b) = await hello(a, alice_token), await hello(b, alice_token)
-    assert hello_a["topics"] == hello_b["topics"] == ["deploys"]
+    (on_a, hello_a), (on_b, hello_b) = await hello(a, token), await hello(b, token)
+    assert hello_a["topics"] == hello_b["topics"] == [topic.slug]
     cursor = hello_a["cursor"]
     assert hello_b["cursor"] == cursor
-    streams = [f"u.{alice.pk}", f"t.{deploys.pk}", "b"]  # her own, the topic's, the broadcasts'
+    streams = [f"u.{user.pk}", f"t.{topic.pk}", "b"]  # their own, the topic's, the broadcasts'
     assert sorted(cursor) == sorted(streams)
 
-    audiences = [{"users": ["alice"]}, {"topic": "deploys"}, {"broadcast": True}]
-    for i, (audience, stream) in enumerate(zip(audiences, streams, strict=True)):
+    audiences = [{"users": [user.username]}, {"topic": topic.slug}, {"broadcast": True}]
+    for i, (audience, stream) in enumerate(zip(audiences * rounds, streams * rounds, strict=True)):
         sender = (a, b)[i % 2]  # sent through either process
         response = await sender.request_async("POST", "/api/notifications/", token=staff_token,
                                               json_body={"title": f"send {i}", **audience})
         assert response.status == 201, response.text
         [sent] = response.json()["notifications"]
-        position = {"stream": stream, "offset": cursor[stream] + 1}  # the next offset of its stream
+        cursor[stream] += 1  # the next offset of its stream
         for ws in (on_a, on_b):
-            assert await recv_json(ws) == {"type": "notification", **sent, **position}
+            assert await recv_json(ws) == {"type": "notification", **sent, "stream": stream, "offset": cursor[stream]}
     for ws in (on_a, on_b):
         await expect_no_frame(ws, 0.3)
         await ws.close()
+
+
+async def test_personal_topic_and_broadcast_sends_reach_both_processes(serve, deploys, alice, alice_token,
+                                                                       staff_token):
+    a, b = await two_servers(serve)
+    await sends_through_either_reach_a_user_on_both(a, b, deploys, alice, alice_token, staff_token)
 
 
 def admin_csrf(server, session: dict[str, str]) -> tuple[str, str]:

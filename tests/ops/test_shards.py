@@ -31,8 +31,8 @@ from project.layers import SHARDED_CORE_BACKEND, ShardedRedisChannelLayer, redis
 from tests.faults.client import ResumingClient, compare, start_clients, stop_clients, wait_until
 from tests.faults.conftest import world as fault_world  # noqa: F401  (a fixture: the fault tests' World)
 from tests.faults.scenarios import Ledger, Member, World, _deliver, _expected, log_trouble, send_notifications, ws_base
-from tests.ops.test_scaleout import hello, wait_for_rows
-from tests.server import LiveServer, expect_no_frame, http_request, recv_json
+from tests.ops.test_scaleout import hello, sends_through_either_reach_a_user_on_both, wait_for_rows
+from tests.server import LiveServer, http_request
 
 SHARDS = 2
 GROUP = "test-group"
@@ -190,27 +190,7 @@ async def test_sends_through_either_process_reach_a_user_on_both_over_two_shards
     two_sharded_servers, deploys, alice, alice_token, staff_token
 ):
     a, b = await two_sharded_servers()
-    followed = await a.request_async("POST", "/api/topics/deploys/follow/", token=alice_token)
-    assert followed.status == 200, followed.text
-    (on_a, hello_a), (on_b, hello_b) = await hello(a, alice_token), await hello(b, alice_token)
-    assert hello_a["topics"] == hello_b["topics"] == ["deploys"]
-    cursor = hello_a["cursor"]
-    assert hello_b["cursor"] == cursor
-
-    audiences = [{"users": ["alice"]}, {"topic": "deploys"}, {"broadcast": True}] * 2
-    streams = [f"u.{alice.pk}", f"t.{deploys.pk}", "b"] * 2  # her own, the topic's, the broadcasts'
-    for i, (audience, stream) in enumerate(zip(audiences, streams, strict=True)):
-        sender = (a, b)[i % 2]  # sent through either process
-        response = await sender.request_async("POST", "/api/notifications/", token=staff_token,
-                                              json_body={"title": f"send {i}", **audience})
-        assert response.status == 201, response.text
-        [sent] = response.json()["notifications"]
-        cursor[stream] += 1  # the next offset of its stream
-        for ws in (on_a, on_b):
-            assert await recv_json(ws) == {"type": "notification", **sent, "stream": stream, "offset": cursor[stream]}
-    for ws in (on_a, on_b):
-        await expect_no_frame(ws, 0.3)
-        await ws.close()
+    await sends_through_either_reach_a_user_on_both(a, b, deploys, alice, alice_token, staff_token, rounds=2)
     # /readyz's round trip through the layer (a direct send) works on every shard.
     for server in (a, b):
         statuses = [(await server.request_async("GET", "/readyz")).status for _ in range(10)]
