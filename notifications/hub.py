@@ -14,7 +14,9 @@ hands the same pre-encoded frame to the outbox of every local socket of the stre
   leaving it ``LEAVE_AFTER`` seconds after its last one went (a reconnecting client finds it
   still joined), renewing every membership well before channels-redis' ``group_expiry``, and
   every ``HUB_SYNC_INTERVAL`` comparing the heads of the streams it reads with what it
-  delivered.
+  delivered, and checking that no Redis shard has forgotten its memberships (a marker group
+  per shard; a shard that restarted empty is found within one interval, and its groups are
+  joined again).
 """
 
 import asyncio
@@ -24,6 +26,7 @@ import weakref
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
+from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from . import metrics, protocol, selectors, streams
@@ -39,6 +42,7 @@ failures = ThrottledLog(logger)
 LEAVE_AFTER = 30.0
 # Memberships are renewed when this fraction of channels-redis' group_expiry has passed.
 RENEW_FRACTION = 0.25
+MARKER_PREFIX = "hub-marker."
 _MESSAGE_KINDS = {"u": "user", "t": "topic", "b": "broadcast"}
 
 
@@ -61,6 +65,8 @@ class Hub:
         self.healthy = True
         self.last_message_at = time.monotonic()
         self.last_renewal = time.monotonic()
+        self.markers = shard_markers(layer)
+        self.marked: set[int] = set()  # the shards this hub's marker was added on
 
     # Lifecycle
 
@@ -87,6 +93,7 @@ class Hub:
             task.cancel()
         if self.channel is not None:
             joined = [s for s in self.sequencer.streams if s not in self.leaving]
+            joined += [self.markers[index] for index in self.marked]
             await asyncio.gather(*(self.layer.group_discard(s, self.channel) for s in joined), return_exceptions=True)
 
     # Local sockets
@@ -194,6 +201,11 @@ class Hub:
         leaving = self.leaving.get(stream)
         if leaving is not None:
             await asyncio.gather(leaving, return_exceptions=True)  # in order: the discard, then this add
+        if self.markers:
+            index = self.layer.consistent_hash(stream)
+            if index not in self.marked:  # the shard's marker, before the first membership there
+                await self.layer.group_add(self.markers[index], self.channel)
+                self.marked.add(index)
         await self.layer.group_add(stream, self.channel)
 
     def _leave_idle(self) -> None:
@@ -216,8 +228,28 @@ class Hub:
         """Add this channel to every joined group again, long before channels-redis forgets it
         (``group_expiry``), so a long-lived socket never silently stops receiving; a process
         that dies stops renewing, and its memberships expire."""
-        for stream in [s for s in self.sequencer.streams if s not in self.leaving]:
+        markers = [self.markers[index] for index in sorted(self.marked)]
+        for stream in [s for s in self.sequencer.streams if s not in self.leaving] + markers:
             await self.layer.group_add(stream, self.channel)
+
+    async def _check_memberships(self) -> None:
+        """Join again the groups of a Redis shard that forgot this process (restarted empty, or
+        flushed): nothing else tells a hub whose own channel lives on another shard, and until
+        it joins again its sockets would get those streams only from the store, late. The
+        marker group this hub keeps on each shard is the witness: one ZSCORE per shard."""
+        for index, marker in enumerate(self.markers):
+            if index not in self.marked:
+                continue  # no membership there yet
+            connection = self.layer.connection(index)
+            if await connection.zscore(self.layer._group_key(marker), self.channel) is not None:
+                continue
+            lost = [s for s in self.sequencer.streams
+                    if s not in self.leaving and self.layer.consistent_hash(s) == index]
+            logger.warning("Redis shard %d forgot this process's group memberships (restarted empty?): "
+                           "joining its %d stream group(s) again", index, len(lost))
+            for group in [*lost, marker]:
+                await self.layer.group_add(group, self.channel)
+            await self.check_streams(fill_all=True)  # what was pushed while this process was not a member
 
     # Receiving
 
@@ -301,6 +333,7 @@ class Hub:
                 if time.monotonic() - self.last_renewal >= renew_every:
                     await self._renew()
                     self.last_renewal = time.monotonic()
+                await self._check_memberships()
                 await self.check_streams()
             except asyncio.CancelledError:
                 raise
@@ -341,6 +374,20 @@ class Hub:
         self.sequencer.restart(heads)
         for outbox in list(self.registry.everyone):
             outbox.consumer.queue_close(protocol.CLOSE_STREAM_RESET, "stream reset: reconnect and resume")
+
+
+def shard_markers(layer) -> list[str]:
+    """For channels-redis' core layer, one group name per Redis host that hashes to that host
+    (``Hub._check_memberships``); none for other layers."""
+    if not isinstance(layer, RedisChannelLayer):
+        return []
+    markers: list[str] = []
+    for index in range(layer.ring_size):
+        k = 0
+        while layer.consistent_hash(f"{MARKER_PREFIX}{k}") != index:
+            k += 1
+        markers.append(f"{MARKER_PREFIX}{k}")
+    return markers
 
 
 _hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub]" = weakref.WeakKeyDictionary()

@@ -34,6 +34,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
+from .transport import redis_retry_once
+
 logger = logging.getLogger(__name__)
 
 POOL_SIZE = 16  # Redis connections per process and shard for presence writes
@@ -148,9 +150,10 @@ class RedisPresence(BasePresence):
         if module.__name__ == "redis.asyncio":
             # A burst of connects or disconnects (a restart: every client at once) waits for one of
             # a few connections instead of opening hundreds, or failing with "Too many connections".
-            pool = module.BlockingConnectionPool.from_url(self.urls[shard], max_connections=POOL_SIZE, timeout=10)
+            pool = module.BlockingConnectionPool.from_url(self.urls[shard], max_connections=POOL_SIZE, timeout=10,
+                                                          **redis_retry_once(asyncio_client=True))
             return module.Redis(connection_pool=pool)
-        return module.Redis.from_url(self.urls[shard])
+        return module.Redis.from_url(self.urls[shard], **redis_retry_once(asyncio_client=False))
 
     async def _write(self, connection: Connection) -> None:
         client = self._client(connection.id)

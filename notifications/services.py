@@ -8,7 +8,7 @@ import re
 from collections.abc import Iterable
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -101,22 +101,17 @@ def _validate_link(link: str | None) -> str:
     return link
 
 
-def _resolve_users(users: Iterable) -> list:
-    """Users given as User instances or primary keys; unknown or inactive ones are an error."""
+def _user_ids(users: Iterable) -> list[int]:
+    """The ids of users given as User instances or primary keys (checked to exist and be active
+    when their streams are reserved: ``streams.reserve_users``)."""
     User = get_user_model()
     given = list(users)
     if not given or len(given) > USERS_MAX:
         raise ValidationError({"users": f"users must list 1 to {USERS_MAX} users."})
-    instances = [u for u in given if isinstance(u, User)]
-    pks = [u for u in given if not isinstance(u, User)]
-    if any(not isinstance(pk, int) or isinstance(pk, bool) or not 0 < pk < 2**63 for pk in pks):
+    ids = [u.pk if isinstance(u, User) else u for u in given]
+    if any(not isinstance(pk, int) or isinstance(pk, bool) or not 0 < pk < 2**63 for pk in ids):
         raise ValidationError({"users": "users must be User instances or positive integer ids."})
-    found = {u.pk: u for u in User.objects.filter(pk__in=pks, is_active=True)}
-    missing = sorted(set(pks) - set(found))
-    if missing:
-        raise ValidationError({"users": f"Unknown or inactive user ids: {missing[:20]}"})
-    resolved = {u.pk: u for u in instances} | found
-    return list(resolved.values())
+    return list(dict.fromkeys(ids))
 
 
 def _resolve_topic(topic: Topic | str) -> Topic:
@@ -173,8 +168,7 @@ def notification_send(
         "actor": actor,
     }
     if users is not None:
-        recipients = _resolve_users(users)
-        rows = [Notification(audience=Audience.USER, recipient=u, **fields) for u in recipients]
+        rows = [Notification(audience=Audience.USER, recipient_id=pk, **fields) for pk in _user_ids(users)]
     elif topic is not None:
         rows = [Notification(audience=Audience.TOPIC, topic=_resolve_topic(topic), **fields)]
     else:
@@ -184,15 +178,29 @@ def notification_send(
         if claim is not None and claim.notification_ids:
             return Sent(Notification.objects.filter(id__in=claim.notification_ids).select_related(
                 "topic", "actor", "recipient").order_by("id"), replayed=True)
-        offsets = streams.reserve(streams.stream_of(row) for row in rows)  # locks these streams only
-        for row in rows:
-            row.offset = offsets[streams.stream_of(row)]
+        _reserve_offsets(rows)  # locks these streams only
         Notification.objects.bulk_create(rows)
         if claim is not None:
             claim.notification_ids = [row.id for row in rows]
             claim.save(update_fields=["notification_ids"])
         transaction.on_commit(lambda: push.notifications_created(rows))
     return Sent(rows)
+
+
+def _reserve_offsets(rows: list[Notification]) -> None:
+    """Give each row the next offset of its stream; for personal rows, in the statement that
+    checks the recipients exist and are active (an error rolls the send back)."""
+    if rows[0].audience == Audience.USER:
+        user_ids = cast(list[int], [row.recipient_id for row in rows])  # set on every personal row
+        offsets = streams.reserve_users(user_ids)
+        missing = sorted(set(user_ids) - set(offsets))
+        if missing:
+            raise ValidationError({"users": f"Unknown or inactive user ids: {missing[:20]}"})
+        for row, user_id in zip(rows, user_ids, strict=True):
+            row.offset = offsets[user_id]
+        return
+    key = streams.stream_of(rows[0])
+    rows[0].offset = streams.reserve([key])[key]
 
 
 class Sent(list):

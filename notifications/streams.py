@@ -12,6 +12,7 @@ in order within a stream, and sends to different audiences never wait for each o
 
 from collections.abc import Iterable
 
+from django.contrib.auth import get_user_model
 from django.db import connection
 
 from .models import Audience, Stream
@@ -67,6 +68,33 @@ def reserve(keys: Iterable[str]) -> dict[str, int]:
                 chunk,
             )
             offsets.update(cursor.fetchall())
+    return offsets
+
+
+def reserve_users(user_ids: Iterable[int]) -> dict[int, int]:
+    """``reserve`` for the personal streams of the given users that exist and are active, in
+    the same statement that checks them: ``{user id: offset}``, without the unknown or inactive.
+
+    One round trip per send instead of a lookup of the users and then the upsert; the rows are
+    locked in key order, as ``reserve`` locks them."""
+    User = get_user_model()
+    qn = connection.ops.quote_name
+    table, users = qn(Stream._meta.db_table), qn(User._meta.db_table)
+    pk, active = qn(User._meta.pk.column), qn(User._meta.get_field("is_active").column)
+    key = qn("key")
+    offsets: dict[int, int] = {}
+    ordered = sorted(set(user_ids))
+    for start in range(0, len(ordered), CHUNK):
+        chunk = ordered[start : start + CHUNK]
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {table} ({key}, head) "  # noqa: S608 - only quoted names and placeholders are interpolated
+                f"SELECT 'u.' || CAST({pk} AS TEXT), 1 FROM {users} "
+                f"WHERE {pk} IN ({', '.join(['%s'] * len(chunk))}) AND {active} = %s ORDER BY 1 "
+                f"ON CONFLICT ({key}) DO UPDATE SET head = {table}.head + 1 RETURNING {key}, head",
+                [*chunk, True],
+            )
+            offsets.update((int(stream.partition(".")[2]), head) for stream, head in cursor.fetchall())
     return offsets
 
 

@@ -15,6 +15,11 @@ loop in this thread), it schedules the batch and returns at once. Batches leave 
 time, in the order they were handed over. At interpreter exit, pushes still in flight get up
 to ``PUSH_TIMEOUT`` to finish.
 
+Batches handed over while one is in flight leave together, as one batch (``_Drain``), and on
+channels-redis' core layer a batch costs two pipelined round trips per Redis host, whatever
+its size (``group_send_many``), where ``group_send`` takes four per message: under load the
+work per push falls as the pushes queue (docs/performance.md, "Sends from Django code").
+
 The in-memory layer (tests, a single process) keeps ``async_to_sync``: its queues are plain
 ``asyncio.Queue`` objects that wake the receiving loop with non-thread-safe calls, so a
 message put from another loop's thread never wakes a hub waiting on its own loop.
@@ -23,15 +28,18 @@ message put from another loop's thread never wakes a hub waiting on its own loop
 
 import asyncio
 import atexit
+import collections
 import concurrent.futures
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
+from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from . import metrics
@@ -71,8 +79,7 @@ def _publish(messages: Messages) -> None:
         _publish_in_memory(layer, messages, running)
         return
     timeout = push_timeout()
-    loop = _background()
-    future = loop.submit(_send(layer, messages, timeout, loop.lock), timeout)
+    future = _background().submit(layer, messages, timeout)
     if running is not None:
         return  # async code: never block its loop; the batch times out by itself
     try:
@@ -83,18 +90,81 @@ def _publish(messages: Messages) -> None:
         pass
 
 
-async def _send(layer, messages: Messages, timeout: float, lock: asyncio.Lock | None = None) -> None:
+async def _send(layer, messages: Messages, timeout: float) -> None:
     async with asyncio.timeout(timeout):
-        if lock is None:
-            await _group_send_all(layer, messages)
-            return
-        async with lock:  # one batch at a time, in the order submitted (the lock is fair)
-            await _group_send_all(layer, messages)
+        await group_send_many(layer, messages)
 
 
-async def _group_send_all(layer, messages: Messages) -> None:
+async def group_send_many(layer, messages: Messages) -> None:
+    """``group_send`` of each ``(group, message)``, in order."""
+    if isinstance(layer, RedisChannelLayer):
+        await _redis_group_send_many(layer, messages)
+        return
     for group, message in messages:
         await layer.group_send(group, message)
+
+
+# channels-redis 4.3's group_send script: each channel's copy, unless the channel is at capacity.
+GROUP_SEND_LUA = """
+    local over_capacity = 0
+    local current_time = ARGV[#ARGV - 1]
+    local expiry = ARGV[#ARGV]
+    for i=1,#KEYS do
+        if redis.call('ZCOUNT', KEYS[i], '-inf', '+inf') < tonumber(ARGV[i + #KEYS]) then
+            redis.call('ZADD', KEYS[i], current_time, ARGV[i])
+            redis.call('EXPIRE', KEYS[i], expiry)
+        else
+            over_capacity = over_capacity + 1
+        end
+    end
+    return over_capacity
+"""
+
+
+async def _redis_group_send_many(layer: RedisChannelLayer, messages: Messages) -> None:
+    """channels-redis' ``group_send`` for a batch: the same keys, script and expiry, with the
+    members of every group read in one pipeline per group host, and every copy written in one
+    pipeline per channel host (in order, so a group's messages keep their order)."""
+    now = time.time()
+    groups_by_host: dict[int, list[str]] = collections.defaultdict(list)
+    for group in dict.fromkeys(group for group, _ in messages):
+        layer.require_valid_group_name(group)  # raises TypeError for a bad name, as group_send does
+        groups_by_host[layer.consistent_hash(group)].append(group)
+    members: dict[str, list[str]] = {}
+
+    async def read_members(index: int, groups: list[str]) -> None:
+        pipe = layer.connection(index).pipeline(transaction=False)
+        for group in groups:
+            key = layer._group_key(group)
+            pipe.zremrangebyscore(key, min=0, max=int(now) - layer.group_expiry)
+            pipe.zrange(key, 0, -1)
+        replies = await pipe.execute()
+        for group, names in zip(groups, replies[1::2], strict=True):
+            members[group] = [name.decode("utf8") for name in names]
+
+    await asyncio.gather(*(read_members(index, groups) for index, groups in groups_by_host.items()))
+    writes: dict[int, list[tuple[list, list]]] = collections.defaultdict(list)
+    for position, (group, message) in enumerate(messages):
+        by_host, copies, capacities = layer._map_channel_keys_to_connection(members[group], message)
+        # A channel's queue is a sorted set read lowest score first, and equal scores come out in
+        # the order of their bytes: each message of the batch a later score than the one before.
+        score = now + position * 1e-6
+        for index, keys in by_host.items():
+            args = [copies[key] for key in keys] + [capacities[key] for key in keys] + [score, layer.expiry]
+            writes[index].append((keys, args))
+
+    async def write(index: int, scripts: list[tuple[list, list]]) -> None:
+        pipe = layer.connection(index).pipeline(transaction=False)
+        for keys, args in scripts:
+            for key in keys:  # expired copies first, as group_send does
+                pipe.zremrangebyscore(key, min=0, max=int(now) - int(layer.expiry))
+            pipe.eval(GROUP_SEND_LUA, len(keys), *keys, *args)
+        replies = await pipe.execute()
+        over = sum(reply for reply in replies if isinstance(reply, int) and reply > 0)
+        if over:
+            logger.info("channel layer: %s channel copies over capacity on host %d", over, index)
+
+    await asyncio.gather(*(write(index, scripts) for index, scripts in writes.items()))
 
 
 _account_lock = threading.Lock()
@@ -115,6 +185,21 @@ def _account(error: BaseException | None, timeout: float | None) -> None:
 def _account_done(timeout: float, future) -> None:
     """A batch is over: done, failed, timed out, or cancelled by a caller that stopped waiting."""
     _account(TimeoutError() if future.cancelled() else future.exception(), timeout)
+
+
+def redis_retry_once(*, asyncio_client: bool) -> dict:
+    """redis-py connection options: a command that fails with a connection error (the server
+    closed a pooled connection: it restarted) is sent once more, on a new connection.
+
+    redis-py 8 does not retry by default (a pipeline never did)."""
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    if asyncio_client:
+        from redis.asyncio.retry import Retry
+    else:
+        from redis.retry import Retry  # type: ignore[assignment]
+    return {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
 
 
 # The in-memory layer: on the caller's loop, or through async_to_sync
@@ -146,23 +231,70 @@ class BackgroundLoop:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
-        self.lock = asyncio.Lock()  # bound to self.loop on first use
+        self.loop = _new_loop()
+        self.drain_task: asyncio.Task | None = None
+        self.waiting: list[tuple[object, Messages, float, concurrent.futures.Future]] = []  # only on self.loop
         self.pending: set[concurrent.futures.Future] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, name="notifications-push", daemon=True)
         self.thread.start()
 
-    def submit(self, coroutine, timeout: float) -> concurrent.futures.Future:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+    def submit(self, layer, messages: Messages, timeout: float) -> concurrent.futures.Future:
+        """Queue a batch; it leaves with the batches queued while the one before was in flight."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
         self.pending.add(future)
         future.add_done_callback(self.pending.discard)
         future.add_done_callback(partial(_account_done, timeout))
+        self.loop.call_soon_threadsafe(self._queue, layer, messages, time.monotonic() + timeout, future)
         return future
+
+    def _queue(self, layer, messages: Messages, deadline: float, future: concurrent.futures.Future) -> None:
+        self.waiting.append((layer, messages, deadline, future))
+        if self.drain_task is None:
+            self.drain_task = self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Send what is waiting, one merged batch at a time, until nothing waits."""
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, []
+                # A caller that stopped waiting (cancelled) drops its batch; the others run.
+                batch = [entry for entry in batch if entry[3].set_running_or_notify_cancel()]
+                for layer in dict.fromkeys(entry[0] for entry in batch):
+                    mine = [entry for entry in batch if entry[0] is layer]
+                    await self._send_merged(layer, mine)
+        finally:
+            self.drain_task = None
+
+    @staticmethod
+    async def _send_merged(layer, batch: list) -> None:
+        messages = [message for entry in batch for message in entry[1]]
+        try:
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + max(
+                    0.0, min(entry[2] for entry in batch) - time.monotonic())):
+                await group_send_many(layer, messages)
+        except BaseException as exc:  # noqa: BLE001 - handed to each caller's future
+            error = TimeoutError() if isinstance(exc, asyncio.CancelledError | TimeoutError) else exc
+            for entry in batch:
+                entry[3].set_exception(error)
+            if isinstance(exc, asyncio.CancelledError) and not isinstance(exc, TimeoutError):
+                raise
+        else:
+            for entry in batch:
+                entry[3].set_result(None)
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the batches still in flight."""
         if self.pending:
             concurrent.futures.wait(list(self.pending), timeout=timeout)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (about a third less CPU per push than asyncio's loop), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 _current: BackgroundLoop | None = None

@@ -25,6 +25,8 @@ from channels_redis.core import RedisChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 from redis.exceptions import RedisError
 
+from notifications.transport import redis_retry_once
+
 logger = logging.getLogger(__name__)
 
 LAYER_BACKENDS = {
@@ -134,14 +136,18 @@ def redis_hosts(url: str | Sequence[str] = "", *, sentinels=(), master_name: str
                 password: str = "") -> list[dict]:
     """The ``hosts`` of channels-redis: one entry per URL, or per Sentinel-managed master (shards)."""
     # redis-py 8 reads with a 5 s socket timeout by default: the same length as
-    # channels-redis' blocking pop, so every idle read would time out. Block freely.
+    # channels-redis' blocking pop, so every idle read would time out. Block freely. And after
+    # a Redis restart, each pooled connection fails its next command ("Connection closed by
+    # server"): it is retried once, on a new connection (redis_retry_once), so the first push
+    # after a restart is not lost.
     if sentinels:
         masters = parse_master_names(master_name)
         if not masters:
             raise ImproperlyConfigured("Set REDIS_SENTINEL_MASTER (the master's name) with REDIS_SENTINELS.")
         hosts = []
         for master in masters:
-            host = {"sentinels": list(sentinels), "master_name": master, "db": db, "socket_timeout": None}
+            host = {"sentinels": list(sentinels), "master_name": master, "db": db, "socket_timeout": None,
+                    **redis_retry_once(asyncio_client=True)}
             if password:
                 host["password"] = password
             hosts.append(host)
@@ -149,7 +155,7 @@ def redis_hosts(url: str | Sequence[str] = "", *, sentinels=(), master_name: str
     urls = parse_redis_urls(url)
     if not urls:
         raise ImproperlyConfigured("Set REDIS_URL or REDIS_SENTINELS for the Redis channel layer.")
-    return [{"address": address, "socket_timeout": None} for address in urls]
+    return [{"address": address, "socket_timeout": None, **redis_retry_once(asyncio_client=True)} for address in urls]
 
 
 def redis_channel_layer(url: str | Sequence[str] = "", prefix: str = "notifications", capacity: int = 10_000, *,

@@ -301,3 +301,38 @@ async def test_publish_from_async_code_reaches_the_in_memory_layer_of_its_loop(s
     await layer.group_add("stream", channel)
     transport.publish([("stream", {"type": "t", "n": 1}), ("stream", {"type": "t", "n": 2})])
     assert await receive_all(layer, channel, 2, timeout=2) == [{"type": "t", "n": 1}, {"type": "t", "n": 2}]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("hosts", [1, 2])
+async def test_a_batch_reaches_each_member_as_group_send_would_in_order(redis_url, second_redis, hosts):
+    """``group_send_many`` (two pipelined round trips per host for a whole batch) delivers what
+    channels-redis' ``group_send`` delivers message by message: each member gets its groups'
+    messages once, in order, through msgpack on real Redis, over one or two shards; a channel at
+    capacity drops the copies past it, as ``group_send`` does."""
+    urls = [redis_url, second_redis.url][:hosts]
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    sender, receiver = build_layer(",".join(urls), prefix), build_layer(",".join(urls), prefix)
+    channels = [await receiver.new_channel() for _ in range(4)]
+    groups = {"u.1": channels[:2], "u.2": channels[1:3], "b": channels}
+    for group, members in groups.items():
+        for channel in members:
+            await sender.group_add(group, channel)
+    batch = [(group, {"type": "stream.notification", "stream": group, "offset": k, "frame": "é" * 10})
+             for k in range(1, 6) for group in groups]
+    await transport.group_send_many(sender, batch)
+    for channel in channels:
+        expected = [(g, m["offset"]) for g, m in batch if channel in groups[g]]
+        got = await receive_all(receiver, channel, len(expected))
+        assert [(m["stream"], m["offset"]) for m in got] == expected
+        assert all(m["frame"] == "é" * 10 for m in got)
+    # Capacity: as group_send, copies past a channel's capacity are dropped, not queued.
+    small = build_layer(",".join(urls), prefix)
+    small.capacity = 3
+    await transport.group_send_many(small, [("u.1", {"type": "t", "n": n}) for n in range(5)])
+    assert [m["n"] for m in await receive_all(receiver, channels[0], 3)] == [0, 1, 2]
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(receiver.receive(channels[0]), 0.3)
+    for layer in (sender, receiver, small):
+        await layer.flush()
+        await layer.close_pools()

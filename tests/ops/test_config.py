@@ -33,7 +33,20 @@ def load_settings(monkeypatch, **env) -> dict:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return runpy.run_path(SETTINGS)
+    settings = runpy.run_path(SETTINGS)
+    for layer in settings["CHANNEL_LAYERS"].values():
+        for host in layer.get("CONFIG", {}).get("hosts", []):
+            assert_retries_once(host.pop("retry"), host.pop("retry_on_error"))  # objects: compared here
+    return settings
+
+
+def assert_retries_once(retry, retry_on_error) -> None:
+    """A command that fails on a connection the server closed (Redis restarted) is sent once more."""
+    from redis.asyncio.retry import Retry
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    assert isinstance(retry, Retry) and retry._retries == 1
+    assert retry_on_error == [RedisConnectionError]
 
 
 def test_redis_url_gives_the_core_layer(monkeypatch):
