@@ -7,7 +7,16 @@ it reads one JSON command per line on stdin and answers one JSON line on stdout:
   socket per token, at most ``concurrency`` handshakes at a time; answers how many opened,
   how many failed (and why), and how long it took. With ``wait_hello`` a socket counts as
   connected once the server's first frame arrived (the product sends ``hello`` after
-  authenticating: that is an *authenticated* connect);
+  authenticating: that is an *authenticated* connect). Each client keeps its ``hello``'s
+  ``cursor`` and ``epoch`` (the first frame's JSON is parsed, once per socket);
+- ``{"cmd": "resume", "port", "path", "concurrency", "timeout", "subprotocol"}``: a resume storm.
+  Abort every open socket at once (no close frame: as a deploy or a network cut drops them),
+  then reconnect each client with ``path?since=<its hello cursor as stream:offset pairs>&epoch=
+  <its hello epoch>`` (docs/protocol.md, "Resuming"), at most ``concurrency`` handshakes at a
+  time. A resume is done when its ``resumed`` frame arrived (after ``hello`` and any replayed
+  notifications); answers how many resumed, how many with ``"recovered": true`` (and the
+  reasons of the others), the notifications replayed, the failures by kind, the elapsed time
+  and the p50/p99 from the TCP connect to ``resumed``;
 - ``{"cmd": "reset"}``: zero the counters (start of a measurement);
 - ``{"cmd": "stats"}``: frames received, their latency histogram, close codes;
 - ``{"cmd": "close"}``: close every socket and exit.
@@ -35,6 +44,7 @@ import struct
 import sys
 import time
 import zlib
+from urllib.parse import quote
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 TS_MARK = b'"ts":'
@@ -65,13 +75,17 @@ STATS = Stats()
 
 class Client(asyncio.Protocol):
     __slots__ = ("transport", "key", "token", "path", "host", "subprotocol", "opened", "buf", "count", "closed",
-                 "close_code", "handshake", "first_frame", "error", "deflate", "inflater", "expect_hello")
+                 "close_code", "handshake", "first_frame", "error", "deflate", "inflater", "expect_hello",
+                 "cursor", "epoch", "resumed")
 
     def __init__(self, token: str, host: str, path: str, subprotocol: str | None, deflate: bool = False):
         self.token, self.host, self.path, self.subprotocol = token, host, path, subprotocol
         self.deflate = deflate  # offer permessage-deflate (as browsers do)
         self.inflater = None
         self.expect_hello = False
+        self.cursor = None  # hello's cursor {stream: offset} and epoch (for a resume)
+        self.epoch = None
+        self.resumed = None  # a future for the `resumed` frame, when this socket resumes
         self.key = base64.b64encode(os.urandom(16))
         self.opened = False
         self.buf = b""
@@ -155,12 +169,18 @@ class Client(asyncio.Protocol):
                     stats.last_recv = now
                 else:
                     stats.other += 1
+                    resumed = self.resumed
+                    if resumed is not None and not resumed.done() and src.startswith(b'{"type":"resumed"', start):
+                        resumed.set_result(json.loads(src[start:stop]))
                 if not self.first_frame.done():
                     if self.expect_hello and src.find(b'"type":"hello"', start, stop) < 0:
                         # An error frame (refused handshake) instead of hello: not an authenticated connect.
                         self.first_frame.set_exception(ConnectionError(bytes(src[start:stop][:80]).decode()))
                         self.first_frame.exception()
                     else:
+                        if self.expect_hello:  # once per socket: where a resume would start from
+                            hello = json.loads(src[start:stop])
+                            self.cursor, self.epoch = hello.get("cursor") or {}, hello.get("epoch")
                         self.first_frame.set_result(None)
             elif opcode == 8:
                 payload = buf[pos + head:end]
@@ -216,6 +236,9 @@ class Client(asyncio.Protocol):
         if not self.first_frame.done():
             self.first_frame.set_exception(ConnectionError(f"closed with {self.close_code} before the first frame"))
             self.first_frame.exception()
+        if self.resumed is not None and not self.resumed.done():
+            self.resumed.set_exception(ConnectionError(f"closed with {self.close_code} before resumed"))
+            self.resumed.exception()
 
     def close(self):
         if self.transport is not None and not self.closed:
@@ -225,16 +248,22 @@ class Client(asyncio.Protocol):
 CLIENTS: list[Client] = []
 
 
-async def open_one(token, port, path, subprotocol, wait_hello, timeout, deflate=False):
+async def open_one(token, port, path, subprotocol, wait_hello, timeout, deflate=False, wait_resumed=False):
+    """One socket; with ``wait_resumed`` it is open once its ``resumed`` frame arrived (else its
+    ``hello``, with ``wait_hello``, else the 101)."""
     loop = asyncio.get_running_loop()
     client = Client(token, f"127.0.0.1:{port}", path, subprotocol, deflate)
-    client.expect_hello = wait_hello
+    client.expect_hello = wait_hello or wait_resumed
+    if wait_resumed:
+        client.resumed = loop.create_future()
     try:
         async with asyncio.timeout(timeout):
             await loop.create_connection(lambda: client, "127.0.0.1", port)
             await client.handshake
-            if wait_hello:
+            if client.expect_hello:
                 await client.first_frame
+            if wait_resumed:
+                await client.resumed
     except TimeoutError:
         if client.transport is not None:
             client.transport.abort()
@@ -274,6 +303,66 @@ async def connect(cmd):
             "connect_p50": q(0.5), "connect_p99": q(0.99), "start": time.time() - elapsed}
 
 
+def quantile(values: list[float], p: float):
+    return values[min(len(values) - 1, int(p * len(values)))] if values else None
+
+
+def resume_path(path: str, cursor: dict, epoch) -> str:
+    """``path?since=u.1:17,b:3&epoch=...`` (docs/protocol.md): an empty cursor is ``since=``."""
+    since = ",".join(f"{stream}:{offset}" for stream, offset in cursor.items())
+    return f"{path}?since={quote(since, safe='')}&epoch={quote(epoch or '', safe='')}"
+
+
+async def resume(cmd):
+    """Drop every socket at once, then reconnect each from its hello's cursor and epoch."""
+    clients = list(CLIENTS)
+    CLIENTS.clear()
+    dropped = 0
+    for c in clients:  # all at once, no close frame: what a deploy or a network cut does
+        if c.transport is not None and not c.closed:
+            c.transport.abort()
+            dropped += 1
+    sem = asyncio.Semaphore(cmd.get("concurrency", 100))
+    errors: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    latencies = []
+    replayed = 0
+    recovered = 0
+    path = cmd.get("path", "/")
+
+    async def one(old):
+        nonlocal replayed, recovered
+        if old.cursor is None:
+            errors["no hello cursor"] = errors.get("no hello cursor", 0) + 1
+            return
+        async with sem:
+            t = time.perf_counter()
+            client, error = await open_one(old.token, cmd["port"], resume_path(path, old.cursor, old.epoch),
+                                           cmd.get("subprotocol"), True, cmd.get("timeout", 30),
+                                           wait_resumed=True)
+            if error is not None:
+                errors[error] = errors.get(error, 0) + 1
+                return
+            latencies.append(time.perf_counter() - t)
+            CLIENTS.append(client)
+            frame = client.resumed.result()
+            replayed += frame.get("count", 0)
+            if frame.get("recovered"):
+                recovered += 1
+            else:
+                reason = str(frame.get("reason"))
+                reasons[reason] = reasons.get(reason, 0) + 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(c) for c in clients))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {"dropped": dropped, "resumed": len(latencies), "recovered": recovered, "not_recovered": reasons,
+            "replayed": replayed, "failed": sum(errors.values()), "errors": errors, "elapsed": elapsed,
+            "resume_p50": quantile(latencies, 0.5), "resume_p99": quantile(latencies, 0.99),
+            "start": time.time() - elapsed}
+
+
 def stats():
     codes: dict[str, int] = {}
     open_count = 0
@@ -303,6 +392,8 @@ async def main():
         cmd = json.loads(line)
         if cmd["cmd"] == "connect":
             reply = await connect(cmd)
+        elif cmd["cmd"] == "resume":
+            reply = await resume(cmd)
         elif cmd["cmd"] == "reset":
             STATS.reset()
             for c in CLIENTS:

@@ -3,6 +3,8 @@
     .venv/bin/python bench/run.py               # the short run (make bench, under 2 minutes)
     .venv/bin/python bench/run.py --full        # every scenario of docs/performance.md (about 15 minutes)
     .venv/bin/python bench/run.py --only broadcast --n 1000 --targets product,product-daphne --rates 10,100
+    .venv/bin/python bench/run.py --only storm --n 2000   # issue 14: connect and resume storms, API, batch
+    make bench BENCH_ARGS="--only storm"                  # the same at N=1000
 
 Everything runs on this machine, on loopback: PostgreSQL (``BENCH_DATABASE_URL``, default
 ``postgres://postgres@127.0.0.1:5432/notif_bench``, created and migrated here), the real
@@ -14,10 +16,12 @@ Each scenario prints a row per target and rate; the run writes
 """
 
 import argparse
+import http.client
 import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -47,6 +51,9 @@ SERVE_FLAGS = ["--ws", "notifications.serving:WebSocketProtocol", "--ws-max-size
                "--http", "notifications.serving:HttpProtocol", "--no-access-log"]
 SERVER_FLAGS = ["--ws", "websockets-sansio", "--ws-per-message-deflate", "false", "--loop", "uvloop",
                 "--http", "httptools"]
+
+
+LOG_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
 
 
 def log(*args):
@@ -140,6 +147,24 @@ class Server:
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
 
+    def log_mark(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_problems(self, mark: int) -> dict[str, int]:
+        """The server's WARNING/ERROR lines since ``mark``, counted by message (time stamps cut):
+        failures the clients do not see (a presence update, a group leave, a retried push)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(mark)
+            text = f.read().decode("utf-8", "replace")
+        counts: dict[str, int] = {}
+        for line in text.splitlines():
+            if "Method Not Allowed: /api/notifications/batch/" in line:
+                continue  # the batch endpoint's probe
+            if " WARNING " in line or " ERROR " in line or line.startswith("ERROR:"):
+                key = LOG_STAMP.sub("", line)[:120]
+                counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
     def rss(self) -> int:
         return rss_kib(self.pid)
 
@@ -171,6 +196,14 @@ PRODUCT_VARIANTS = {
     "product-pool": ([], {"DJANGO_SETTINGS_MODULE": "bench.settings_pool"}, "uvicorn"),
     "product-daphne": ([], {}, "daphne"),
 }
+
+
+# The storm scenario's targets (issue 14): the product as served in production (2 workers), beside
+# the tutorial Channels app and the raw websockets server (connect storm only: they have no resume).
+STORM_DEFAULT_TARGETS = ["raw", "baseline", "product-2workers"]
+# A lost push is read from the store by the hubs (HUB_SYNC_INTERVAL, 2 s): wait longer than that
+# before calling the frames still missing lost.
+STORM_STALL = 6.0
 
 
 def product_variant(target: str):
@@ -305,6 +338,41 @@ class Bench:
                 "elapsed": end - start, "connects_per_s": connected / (end - start),
                 "connect_p99_ms": 1000 * max(r["connect_p99"] or 0 for r in replies)}
 
+    def resume(self, gens, server: Server, concurrency: int) -> dict:
+        """The resume storm: every load generator drops its sockets at once and reconnects each
+        with its hello's cursor and epoch (bench/loadgen.py ``resume``)."""
+        replies = call_all(gens, [{"cmd": "resume", "port": server.port, "path": "/ws/notifications/",
+                                   "subprotocol": SUBPROTOCOL, "concurrency": max(1, concurrency // len(gens)),
+                                   "timeout": 30}] * len(gens))
+        errors: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for r in replies:
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            for k, v in r["not_recovered"].items():
+                reasons[k] = reasons.get(k, 0) + v
+        start = min(r["start"] for r in replies)
+        elapsed = max(r["start"] + r["elapsed"] for r in replies) - start
+        resumed = sum(r["resumed"] for r in replies)
+        return {"dropped": sum(r["dropped"] for r in replies), "resumed": resumed,
+                "recovered": sum(r["recovered"] for r in replies), "not_recovered": reasons,
+                "replayed": sum(r["replayed"] for r in replies), "failed": sum(r["failed"] for r in replies),
+                "errors": errors, "elapsed": elapsed, "resumes_per_s": resumed / elapsed if elapsed else 0.0,
+                # the slower load generator's quantiles (each has half the sockets)
+                "resume_p50_ms": 1000 * max(r["resume_p50"] or 0 for r in replies),
+                "resume_p99_ms": 1000 * max(r["resume_p99"] or 0 for r in replies)}
+
+    def api_call(self, server: Server, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        try:
+            conn.request(method, path, body=json.dumps(body).encode() if body is not None else None,
+                         headers={"Authorization": f"Bearer {self.sender_token}",
+                                  "Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
     def sender(self, server: Server) -> Worker:
         t = server.target
         if t == "raw":
@@ -322,8 +390,9 @@ class Bench:
         assert worker.read().get("ready")
         return worker
 
-    def api_sender(self, server: Server, users: list[str], target: str = "product") -> Worker:
-        options = {"port": server.port, "token": self.sender_token, "users": users}
+    def api_sender(self, server: Server, users: list[str], target: str = "product",
+                   user_ids: list[int] | None = None) -> Worker:
+        options = {"port": server.port, "token": self.sender_token, "users": users, "user_ids": user_ids or []}
         worker = Worker([PY, str(BENCH / "sender.py"), "api", json.dumps(options)], env=self.env(), name="api")
         assert worker.read().get("ready")
         return worker
@@ -335,23 +404,8 @@ class Bench:
         cpu0, load0 = server_cpu(server), loadavg()
         sent = sender.call({"cmd": "send", "rate": rate, "duration": duration, **(extra_cmd or {})})
         expected = sent["sent"] * per_send
-        deadline = time.monotonic() + drain
-        last, still = -1, time.monotonic()
-        while True:
-            stats = call_all(gens, [{"cmd": "stats"}] * len(gens))
-            received = sum(s["frames"] for s in stats)
-            if received >= expected or time.monotonic() > deadline:
-                break
-            if received != last:
-                last, still = received, time.monotonic()
-            elif time.monotonic() - still > 3.0:
-                break  # nothing arrived for 3 s: the rest is lost
-            time.sleep(0.2)
+        stats, received, hist = await_frames(gens, expected, drain)
         cpu = server_cpu(server) - cpu0
-        hist: dict[int, int] = {}
-        for s in stats:
-            for k, v in s["hist"].items():
-                hist[int(k)] = hist.get(int(k), 0) + v
         last_recv = max((s["last_recv"] or 0) for s in stats)
         span = (last_recv - sent["t0"]) if received else float("nan")
         codes: dict[str, int] = {}
@@ -503,6 +557,103 @@ class Bench:
                     g.stop()
                 server.stop()
 
+    def storm(self, targets, n, concurrency=200, api_duration=5.0, batches=3, batch_clients=4, missed=1):
+        """Issue 14: a connect storm on every target (N sockets, ``concurrency`` handshakes in flight);
+        then, on the product targets, the resume storm of those N (dropped at once, each reconnecting
+        with ``?since=<hello cursor>&epoch=``), personal API sends from 16 keep-alive clients, and
+        batches of 1000 personal items; the sockets stay open throughout, so every send is also
+        timed to its frame. Each target on a fresh server; every inbox empty at the start."""
+        self.clear_notifications()
+        for target in targets:
+            try:
+                server = self.start(target)
+            except RuntimeError as exc:
+                log(f"{target}: not measured: {str(exc)[-300:]}")
+                continue
+            product = target.startswith("product")
+            gens = self.loadgens(self.args.clients)
+            api = None
+            try:
+                # Warm-up (not measured): imports, database connections, the hub of each worker.
+                self.connect(gens, server, self.tokens[n:n + 40] or self.tokens[:40], concurrency=20)
+                for g in gens:
+                    g.stop()
+                time.sleep(1.0)
+                gens = self.loadgens(self.args.clients)
+                cpu0, load0, mark = server_cpu(server), loadavg(), server.log_mark()
+                conn = self.connect(gens, server, self.tokens[:n], concurrency=concurrency)
+                cpu = server_cpu(server) - cpu0
+                conn.update({"concurrency": concurrency, "load": [load0, loadavg()],
+                             "server_log": server.log_problems(mark),
+                             "server_cpu_ms_per_connect": 1000 * cpu / max(1, conn["connected"])})
+                self.row("storm-connect", target, n, conn)
+                if not product:
+                    continue
+                # Notifications the sockets get live after hello: their hello cursors are behind by
+                # `missed` each, so every resume has that much to replay (as a client that dropped
+                # right after its hello would).
+                for i in range(missed):
+                    status, body = self.api_call(server, "POST", "/api/notifications/",
+                                                 {"title": f"missed {i}", "broadcast": True})
+                    if status != 201:
+                        log(f"{target}: the broadcast before the resume storm answered {status}: {body[:120]!r}")
+                time.sleep(0.5)
+                cpu0, load0, mark = server_cpu(server), loadavg(), server.log_mark()
+                res = self.resume(gens, server, concurrency)
+                cpu = server_cpu(server) - cpu0
+                res.update({"n_connected": conn["connected"], "missed_each": missed, "concurrency": concurrency,
+                            "load": [load0, loadavg()], "server_log": server.log_problems(mark),
+                            "server_cpu_ms_per_resume": 1000 * cpu / max(1, res["resumed"])})
+                self.row("storm-resume", target, n, res)
+                api = self.api_sender(server, self.usernames[:n], target, self.user_ids[:n])
+                # API: personal sends, closed loop.
+                call_all(gens, [{"cmd": "reset"}] * len(gens))
+                cpu0, load0, mark = server_cpu(server), loadavg(), server.log_mark()
+                sent = api.call({"cmd": "closed", "clients": 16, "duration": api_duration})
+                t_drain = time.monotonic()
+                stats, received, hist = await_frames(gens, sent["ok"], drain=20, stall=STORM_STALL)
+                cpu = server_cpu(server) - cpu0
+                statuses = sent["statuses"]
+                self.row("storm-api", target, n, {
+                    "clients": 16, "duration": api_duration, "sent": sent["ok"],
+                    "sends_per_s": sent["ok"] / sent["span"], "api_p50_ms": ms(sent["call_p50"]),
+                    "api_p99_ms": ms(sent["call_p99"]), "api_max_ms": ms(sent["call_max"]),
+                    "statuses": statuses, "errors": sent["errors"],
+                    "non_2xx": sum(v for k, v in statuses.items() if not k.startswith("2")) + sum(
+                        sent["errors"].values()),
+                    "status_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+                    "received": received, "lost": max(0, sent["ok"] - received),
+                    "p50_ms": pct_ms(hist, 0.5), "p99_ms": pct_ms(hist, 0.99),
+                    "drain_s": time.monotonic() - t_drain, **socket_state(stats),
+                    "server_log": server.log_problems(mark),
+                    "server_cpu_ms_per_send": 1000 * cpu / max(1, sent["ok"]), "load": [load0, loadavg()]})
+                # Batches of 1000 personal items, a few clients at once.
+                call_all(gens, [{"cmd": "reset"}] * len(gens))
+                cpu0, load0, mark = server_cpu(server), loadavg(), server.log_mark()
+                batch = api.call({"cmd": "batch", "clients": batch_clients, "batches": batches, "size": 1000})
+                if not batch["available"]:
+                    self.row("storm-batch", target, n, {"available": False, "load": [load0, loadavg()]})
+                    continue
+                t_drain = time.monotonic()
+                stats, received, hist = await_frames(gens, batch["stored"], drain=30, stall=STORM_STALL)
+                cpu = server_cpu(server) - cpu0
+                self.row("storm-batch", target, n, {
+                    "available": True, "clients": batch_clients, "size": batch["size"], "batches": batch["batches"],
+                    "stored": batch["stored"], "notifications_per_s": batch["stored"] / batch["span"],
+                    "item_statuses": batch["item_statuses"], "statuses": batch["statuses"],
+                    "errors": batch["errors"], "batch_p50_ms": ms(batch["call_p50"]),
+                    "batch_p99_ms": ms(batch["call_p99"]), "received": received,
+                    "lost": max(0, batch["stored"] - received), "p50_ms": pct_ms(hist, 0.5),
+                    "p99_ms": pct_ms(hist, 0.99), "drain_s": time.monotonic() - t_drain, **socket_state(stats),
+                    "server_log": server.log_problems(mark),
+                    "server_cpu_ms_per_1000": 1e6 * cpu / max(1, batch["stored"]), "load": [load0, loadavg()]})
+            finally:
+                if api is not None:
+                    api.stop()
+                for g in gens:
+                    g.stop()
+                server.stop()
+
     # Output
 
     def save(self) -> dict:
@@ -568,6 +719,37 @@ def server_rss(server: Server) -> int:
     return total
 
 
+def await_frames(gens, expected: int, drain: float, stall: float = 3.0):
+    """Poll the load generators until ``expected`` measured frames arrived, nothing arrived for
+    ``stall`` seconds (the rest is lost) or ``drain`` seconds passed: (their stats, frames, latency
+    histogram)."""
+    deadline = time.monotonic() + drain
+    last, still = -1, time.monotonic()
+    while True:
+        stats = call_all(gens, [{"cmd": "stats"}] * len(gens))
+        received = sum(s["frames"] for s in stats)
+        if received >= expected or time.monotonic() > deadline:
+            break
+        if received != last:
+            last, still = received, time.monotonic()
+        elif time.monotonic() - still > stall:
+            break  # nothing arrived for `stall` seconds: the rest is lost
+        time.sleep(0.2)
+    hist: dict[int, int] = {}
+    for s in stats:
+        for k, v in s["hist"].items():
+            hist[int(k)] = hist.get(int(k), 0) + v
+    return stats, received, hist
+
+
+def socket_state(stats: list[dict]) -> dict:
+    codes: dict[str, int] = {}
+    for s in stats:
+        for k, v in s["close_codes"].items():
+            codes[k] = codes.get(k, 0) + v
+    return {"open_sockets": sum(s["open"] for s in stats), "close_codes": codes}
+
+
 def ms(seconds):
     return None if seconds is None else round(1000 * seconds, 2)
 
@@ -594,7 +776,58 @@ def fmt(v, digits=0):
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def errors_text(errors: dict) -> str:
+    return f" ({next(iter(errors))[:50]}...)" if errors else ""
+
+
+def server_log_text(r: dict) -> str:
+    problems = r.get("server_log")
+    if not problems:
+        return " server_log=0"
+    top = next(iter(problems))
+    # "WARNING notifications.presence presence remove failed: ..." or uvicorn's "ERROR:    ..."
+    message = top[6:].strip() if top.startswith("ERROR:") else top.split(" ", 2)[-1]
+    return f" server_log={sum(problems.values())} ({problems[top]}x {message[:60]}...)"
+
+
 def format_row(r: dict) -> str:
+    if r["scenario"].startswith("storm-"):
+        return format_storm_row(r) + ("" if r.get("available") is False else server_log_text(r))
+    return format_other_row(r)
+
+
+def format_storm_row(r: dict) -> str:
+    head = f"{r['scenario']:<13} {r['target']:<18} N={r['n']:<6}"
+    if r["scenario"] == "storm-connect":
+        return (f"{head} connects/s={fmt(r['connects_per_s'])} p99={fmt(r['connect_p99_ms'], 1)}ms "
+                f"connected={r['connected']} failed={r['failed']}{errors_text(r['errors'])} "
+                f"cpu/connect={fmt(r['server_cpu_ms_per_connect'], 2)}ms in_flight={r['concurrency']} "
+                f"load={r['load'][0][0]:.2f}")
+    if r["scenario"] == "storm-resume":
+        return (f"{head} resumes/s={fmt(r['resumes_per_s'])} p50={fmt(r['resume_p50_ms'], 1)}ms "
+                f"p99={fmt(r['resume_p99_ms'], 1)}ms dropped={r['dropped']} resumed={r['resumed']} "
+                f"recovered={r['recovered']} not_recovered={r['not_recovered'] or 0} replayed={r['replayed']} "
+                f"failed={r['failed']}{errors_text(r['errors'])} cpu/resume={fmt(r['server_cpu_ms_per_resume'], 2)}ms"
+                f" load={r['load'][0][0]:.2f}")
+    if r["scenario"] == "storm-api":
+        return (f"{head} clients={r['clients']} sends/s={fmt(r['sends_per_s'])} api_p50={fmt(r['api_p50_ms'], 1)}ms "
+                f"api_p99={fmt(r['api_p99_ms'], 1)}ms non_2xx={r['non_2xx']} 5xx={r['status_5xx']}"
+                f"{errors_text(r['errors'])} frames={r['received']} lost={r['lost']} "
+                f"send->frame_p99={fmt(r['p99_ms'], 1)}ms closed={r['close_codes'] or 0} "
+                f"cpu/send={fmt(r['server_cpu_ms_per_send'], 2)}ms "
+                f"load={r['load'][0][0]:.2f}")
+    if r["scenario"] == "storm-batch":
+        if not r["available"]:
+            return f"{head} n/a (no batch endpoint)"
+        return (f"{head} clients={r['clients']} batches={r['batches']}x{r['size']} "
+                f"notifications/s={fmt(r['notifications_per_s'])} stored={r['stored']} "
+                f"item_statuses={r['item_statuses']} http={r['statuses']}{errors_text(r['errors'])} "
+                f"batch_p99={fmt(r['batch_p99_ms'], 1)}ms frames={r['received']} lost={r['lost']} "
+                f"send->frame_p99={fmt(r['p99_ms'], 1)}ms closed={r['close_codes'] or 0} load={r['load'][0][0]:.2f}")
+    raise ValueError(r["scenario"])
+
+
+def format_other_row(r: dict) -> str:
     if r["scenario"] == "connect":
         return (f"{r['scenario']:<13} {r['target']:<18} N={r['n']:<6} connects/s={fmt(r['connects_per_s'])} "
                 f"failed={r['failed']} p99={fmt(r['connect_p99_ms'], 1)}ms KiB/conn={fmt(r['kib_per_connection'], 1)}"
@@ -624,6 +857,7 @@ def summarize(rows: list[dict]) -> dict:
         if r["rate"] == 10:
             entry["p99_ms_at_10"] = r["p99_ms"]
             entry["lost_at_10"] = r["lost"]
+    storm = summarize_storm(rows)
     for per_target in out.values():
         raw = per_target.get("raw", {}).get("peak_per_s")
         base = per_target.get("baseline", {}).get("peak_lossless_per_s") or per_target.get("baseline", {}).get(
@@ -633,11 +867,99 @@ def summarize(rows: list[dict]) -> dict:
                 entry["ratio_to_raw"] = round(entry["peak_lossless_per_s"] / raw, 3)
             if base:
                 entry["ratio_to_baseline"] = round(entry["peak_lossless_per_s"] / base, 2)
+    out.update(storm)
     return out
+
+
+# Issue 14's targets, per storm row: (what it says, is it met).
+STORM_TARGETS = {
+    "connect": ("≥ 1,000 connects/s, p99 ≤ 500 ms, no failures",
+                lambda e: e["per_s"] >= 1000 and e["p99_ms"] <= 500 and not e["failed"]),
+    "resume": ("≥ 1,000 resumes/s for 2,000 dropped at once, every one recovered, p99 ≤ 1 s",
+               lambda e: e["per_s"] >= 1000 and e["recovered"] == e["of"] and e["p99_ms"] <= 1000
+               and not e["failed"]),
+    "api": ("≥ 1,000 personal sends/s with 16 keep-alive clients, no 5xx, p99 ≤ 100 ms",
+            lambda e: e["per_s"] >= 1000 and not e["status_5xx"] and (e["p99_ms"] or 0) <= 100),
+    "batch": ("≥ 10,000 notifications/s", lambda e: e["per_s"] >= 10_000),
+}
+
+
+def summarize_storm(rows: list[dict]) -> dict:
+    """``storm N=<n>``: each storm row's rate and p99, the connect and resume rates against the
+    tutorial app's and the raw server's connect rates of the same run, and issue 14's targets."""
+    out: dict = {}
+    for r in rows:
+        kind = r["scenario"].removeprefix("storm-")
+        if not r["scenario"].startswith("storm-"):
+            continue
+        section = out.setdefault(f"storm N={r['n']}", {})
+        if kind == "connect":
+            e = {"per_s": r["connects_per_s"], "p99_ms": r["connect_p99_ms"], "failed": r["failed"],
+                 "of": r["n"]}
+        elif kind == "resume":
+            e = {"per_s": r["resumes_per_s"], "p99_ms": r["resume_p99_ms"], "failed": r["failed"],
+                 "recovered": r["recovered"], "of": r["n_connected"]}
+        elif kind == "api":
+            e = {"per_s": r["sends_per_s"], "p99_ms": r["api_p99_ms"], "non_2xx": r["non_2xx"],
+                 "status_5xx": r["status_5xx"]}
+        elif not r["available"]:
+            e = {"per_s": None, "available": False}
+        else:
+            e = {"per_s": r["notifications_per_s"], "p99_ms": r["batch_p99_ms"], "lost": r["lost"]}
+        e["server_log_problems"] = sum(r.get("server_log", {}).values())
+        if e["per_s"] is not None:
+            e["target"], met = STORM_TARGETS[kind]
+            e["target_met"] = bool(met(e))
+        section[f"{kind} {r['target']}"] = e
+    for section in out.values():
+        base = section.get("connect baseline", {}).get("per_s")
+        raw = section.get("connect raw", {}).get("per_s")
+        for key, e in section.items():
+            if key.startswith(("connect ", "resume ")) and e.get("per_s"):
+                if base:
+                    e["ratio_to_baseline_connects"] = round(e["per_s"] / base, 3)
+                if raw:
+                    e["ratio_to_raw_connects"] = round(e["per_s"] / raw, 3)
+    return out
+
+
+def print_storm(key: str, section: dict) -> None:
+    base = section.get("connect baseline", {}).get("per_s")
+    raw = section.get("connect raw", {}).get("per_s")
+    print(f"\n{key}: issue 14 (200 handshakes in flight), beside this run's connect rates of the tutorial "
+          f"Channels app ({fmt(base)}/s) and raw websockets ({fmt(raw)}/s)")
+    for name, e in section.items():
+        kind = name.split(" ", 1)[0]
+        if e.get("available") is False:
+            print(f"  {name:<26} n/a (no batch endpoint)")
+            continue
+        unit = {"connect": "connects/s", "resume": "resumes/s", "api": "sends/s", "batch": "notifications/s"}[kind]
+        line = f"  {name:<26} {fmt(e['per_s']):>8} {unit:<16} p99 {fmt(e['p99_ms'], 1):>8} ms"
+        if kind == "connect":
+            line += f"  failed {e['failed']}"
+        elif kind == "resume":
+            line += f"  recovered {e['recovered']}/{e['of']}  failed {e['failed']}"
+        elif kind == "api":
+            line += f"  non-2xx {e['non_2xx']} (5xx {e['status_5xx']})"
+        elif kind == "batch":
+            line += f"  frames lost {e['lost']}"
+        if e["server_log_problems"]:
+            line += f"  server log: {e['server_log_problems']} warnings/errors"
+        if "ratio_to_baseline_connects" in e or "ratio_to_raw_connects" in e:
+            line += (f"  x{e.get('ratio_to_baseline_connects', float('nan')):.2f} baseline"
+                     f"  x{e.get('ratio_to_raw_connects', float('nan')):.2f} raw")
+        if kind == "connect" and not name.startswith("connect product"):
+            print(line)  # a baseline: issue 14's targets are the product's
+            continue
+        note = " (the target is for 2,000)" if kind == "resume" and e["of"] < 2000 else ""
+        print(f"{line}  [target {e['target']}: {'met' if e['target_met'] else 'not met'}{note}]")
 
 
 def print_summary(summary: dict) -> None:
     for key, per_target in summary.items():
+        if key.startswith("storm "):
+            print_storm(key, per_target)
+            continue
         print(f"\n{key}: best lossless delivered/s (ratio to raw websockets, to the tutorial Channels app)")
         for name, e in per_target.items():
             raw, base = e.get("ratio_to_raw", float("nan")), e.get("ratio_to_baseline", float("nan"))
@@ -648,8 +970,9 @@ def print_summary(summary: dict) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="every scenario, N=1000/5000/10000 (about 20 minutes)")
-    parser.add_argument("--only", default="", help="comma-separated: broadcast,topic,personal,connect")
-    parser.add_argument("--targets", default="raw,baseline,product")
+    parser.add_argument("--only", default="", help="comma-separated: broadcast,topic,personal,connect,storm")
+    parser.add_argument("--targets", default="", help="default raw,baseline,product (storm: raw,baseline,"
+                        "product-2workers; its resume, API and batch rows are measured on the product targets)")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--rates", default="")
     parser.add_argument("--duration", type=float, default=0)
@@ -663,7 +986,8 @@ def main():
         log(f"warning: RLIMIT_NOFILE hard limit {hard}: 10,000 sockets need about 10,100 per process")
     log(f"load average at start: {loadavg()}")
     bench = Bench(args)
-    targets = args.targets.split(",")
+    targets = args.targets.split(",") if args.targets else ["raw", "baseline", "product"]
+    storm_targets = args.targets.split(",") if args.targets else STORM_DEFAULT_TARGETS
     only = set(filter(None, args.only.split(",")))
     if args.full:
         bench.setup(10_000)
@@ -671,6 +995,8 @@ def main():
         if not only or "connect" in only:  # first: every inbox is empty (see clear_notifications)
             bench.connects(targets, 5000)
             bench.connects([t for t in targets if t != "baseline"], 10_000)
+        if not only or "storm" in only:  # empties every inbox first
+            bench.storm(storm_targets, 2000, api_duration=10.0, batches=5)
         if not only or "broadcast" in only:
             bench.broadcast(targets, 1000, [10, 25, 50, 75, 100, 150, 200], 3.0)
             bench.broadcast(targets, 5000, [2, 5, 10, 15, 20, 30, 40], 3.0)
@@ -680,7 +1006,7 @@ def main():
         if not only or "topic" in only:
             bench.topic(1000, [10, 100], 3.0)
     elif only:
-        bench.setup(max(args.n + 20, 1000))
+        bench.setup(max(args.n + 40, 1000))
         rates = [float(x) if "." in x else int(x) for x in args.rates.split(",")] if args.rates else [10, 100, 200]
         duration = args.duration or 3.0
         if "broadcast" in only:
@@ -694,7 +1020,9 @@ def main():
                 bench.topic(args.n, rates if args.rates else [10, 100], duration, target)
         if "connect" in only:
             bench.connects(targets, args.n)
-    else:  # the short run of `make bench`
+        if "storm" in only:
+            bench.storm(storm_targets, args.n, api_duration=args.duration or 5.0)
+    else:  # the short run of `make bench` (not the storm: at today's product rates it would add minutes)
         bench.setup(1020)
         bench.connects(["product"], 1000)
         bench.broadcast(targets, 1000, [10, 50, 100], 2.0)

@@ -15,6 +15,18 @@ Modes:
   the push after commit runs on this event loop's Redis connection.
 - ``api``: ``POST /api/notifications/`` with a staff Bearer token to one user at a time
   (round robin over ``users``): API → frame latency. A small keep-alive HTTP/1.1 client.
+  Two more commands in this mode, both closed-loop (each client sends its next request when
+  the previous one was answered, so they measure capacity, not latency at a given rate):
+
+  - ``{"cmd": "closed", "clients": 16, "duration": D}``: ``clients`` keep-alive connections
+    each sending personal notifications back to back for ``D`` seconds (``data.ts`` is the
+    time the request started); answers the 2xx count, every other status, the request
+    p50/p99 and the time span;
+  - ``{"cmd": "batch", "clients": 4, "batches": B, "size": 1000}``: each client posts ``B``
+    batches of ``size`` personal items (one user id each, round robin over ``user_ids``) to
+    ``POST /api/notifications/batch/``; answers the items stored (per-item status 201), the
+    statuses, the request p50/p99 and the time span; ``{"available": false}`` when the
+    endpoint does not exist (a ``GET`` of it answers 404, not 405).
 - ``baseline``: ``group_send`` to the tutorial app's group on its channel layer.
 - ``raw``: ``PUBLISH`` on the raw ``websockets`` server's Redis channel.
 """
@@ -119,27 +131,129 @@ class Sender:
     async def post(self, i: int, ts: float):
         user = self.users[i % len(self.users)]
         body = json.dumps({"title": "bench", "users": [user], "data": {"ts": ts, "seq": i}}).encode()
-        if self.idle:
-            reader, writer = self.idle.pop()
+        conn = self.idle.pop() if self.idle else await asyncio.open_connection("127.0.0.1", self.options["port"])
+        status, response, keep = await self.request(conn, "POST", "/api/notifications/", body)
+        if keep:
+            self.idle.append(conn)
         else:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.options["port"])
-        request = (f"POST /api/notifications/ HTTP/1.1\r\nHost: 127.0.0.1:{self.options['port']}\r\n"
-                   f"Authorization: Bearer {self.options['token']}\r\nContent-Type: application/json\r\n"
-                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head.split(b" ", 2)[1])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        response = await reader.readexactly(length)
-        if b"connection: close" in head.lower():
-            writer.close()
-        else:
-            self.idle.append((reader, writer))
+            conn[1].close()
         if status != 201:
             raise RuntimeError(f"HTTP {status}: {response[:60]!r}")
+
+    async def request(self, conn, method: str, path: str, body: bytes = b"") -> tuple[int, bytes, bool]:
+        """One HTTP/1.1 request on a keep-alive connection: (status, body, connection reusable)."""
+        reader, writer = conn
+        writer.write((f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.options['port']}\r\n"
+                      f"Authorization: Bearer {self.options['token']}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode() + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        lower = head.lower()
+        if b"transfer-encoding: chunked" in lower:
+            chunks = []
+            while size := int((await reader.readuntil(b"\r\n"))[:-2].split(b";")[0], 16):
+                chunks.append((await reader.readexactly(size + 2))[:-2])
+            await reader.readuntil(b"\r\n")
+            response = b"".join(chunks)
+        else:
+            length = 0
+            for line in lower.split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            response = await reader.readexactly(length)
+        return status, response, b"connection: close" not in lower
+
+    async def connection(self):
+        return await asyncio.open_connection("127.0.0.1", self.options["port"])
+
+    async def closed(self, cmd: dict) -> dict:
+        """``clients`` keep-alive clients, each POSTing one personal notification after another."""
+        conns = [await self.connection() for _ in range(cmd.get("clients", 16))]
+        statuses: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        calls: list[float] = []
+        ok = 0
+        t0 = time.time()
+        deadline = t0 + cmd["duration"]
+
+        async def client(k: int):
+            nonlocal ok
+            conn = conns[k]
+            while (start := time.time()) < deadline:
+                self.seq += 1
+                body = json.dumps({"title": "bench", "users": [self.users[self.seq % len(self.users)]],
+                                   "data": {"ts": start, "seq": self.seq}}).encode()
+                try:
+                    status, _, keep = await self.request(conn, "POST", "/api/notifications/", body)
+                except Exception as exc:  # the connection broke: count it, open another
+                    key = f"{type(exc).__name__}: {str(exc)[:60]}"
+                    errors[key] = errors.get(key, 0) + 1
+                    conn[1].close()
+                    conn = await self.connection()
+                    continue
+                calls.append(time.time() - start)
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+                ok += 200 <= status < 300
+                if not keep:
+                    conn[1].close()
+                    conn = await self.connection()
+            conn[1].close()
+
+        await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(len(conns)))),
+                               cmd["duration"] + cmd.get("timeout", 30))
+        span = time.time() - t0
+        return {"ok": ok, "statuses": statuses, "errors": errors, "t0": t0, "span": span,
+                "call_p50": percentile(calls, 0.5), "call_p99": percentile(calls, 0.99),
+                "call_max": max(calls, default=None)}
+
+    async def batch(self, cmd: dict) -> dict:
+        """``clients`` clients, each POSTing ``batches`` batches of ``size`` personal items."""
+        probe = await self.connection()
+        status, _, _ = await self.request(probe, "GET", "/api/notifications/batch/")
+        probe[1].close()
+        if status == 404:
+            return {"available": False}
+        user_ids = self.options["user_ids"]
+        size = cmd.get("size", 1000)
+        conns = [await self.connection() for _ in range(cmd.get("clients", 4))]
+        http: dict[str, int] = {}
+        items: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        calls: list[float] = []
+        t0 = time.time()
+
+        async def client(k: int):
+            conn = conns[k]
+            for _ in range(cmd.get("batches", 3)):
+                start = time.time()
+                first = self.seq
+                self.seq += size
+                body = json.dumps({"items": [
+                    {"title": "bench", "users": [user_ids[i % len(user_ids)]], "data": {"ts": start, "seq": i}}
+                    for i in range(first, first + size)]}).encode()
+                try:
+                    status, response, keep = await self.request(conn, "POST", "/api/notifications/batch/", body)
+                except Exception as exc:
+                    key = f"{type(exc).__name__}: {str(exc)[:60]}"
+                    errors[key] = errors.get(key, 0) + 1
+                    conn[1].close()
+                    conn = await self.connection()
+                    continue
+                calls.append(time.time() - start)
+                http[str(status)] = http.get(str(status), 0) + 1
+                if status == 200:
+                    for result in json.loads(response)["results"]:
+                        items[str(result["status"])] = items.get(str(result["status"]), 0) + 1
+                if not keep:
+                    conn[1].close()
+                    conn = await self.connection()
+            conn[1].close()
+
+        await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(len(conns)))), cmd.get("timeout", 120))
+        span = time.time() - t0
+        return {"available": True, "size": size, "batches": len(calls), "stored": items.get("201", 0),
+                "item_statuses": items, "statuses": http, "errors": errors, "t0": t0, "span": span,
+                "call_p50": percentile(calls, 0.5), "call_p99": percentile(calls, 0.99)}
 
     async def run(self, cmd: dict) -> dict:
         self.errors, self.done, self.lags, self.calls = {}, 0, [], []
@@ -176,6 +290,10 @@ async def main():
         cmd = json.loads(line)
         if cmd["cmd"] == "send":
             reply = await sender.run(cmd)
+        elif cmd["cmd"] == "closed":
+            reply = await sender.closed(cmd)
+        elif cmd["cmd"] == "batch":
+            reply = await sender.batch(cmd)
         elif cmd["cmd"] == "close":
             break
         else:

@@ -48,7 +48,7 @@ async def listen(token: str, url: str = DEFAULT_URL, on_frame: Callable[[dict], 
     attempt = 0
     loop = asyncio.get_running_loop()
     while True:
-        resuming, opened = epoch is not None, loop.time()
+        resuming, opened, retry_after = epoch is not None, loop.time(), 0.0
         try:
             async with websockets.connect(
                 resume_url(url, cursor, epoch),
@@ -68,6 +68,8 @@ async def listen(token: str, url: str = DEFAULT_URL, on_frame: Callable[[dict], 
                             cursor.setdefault(frame["stream"], frame["offset"])
                         elif frame["type"] == "resumed":
                             cursor = frame["cursor"]
+                        elif frame["type"] == "error" and isinstance(frame.get("retry_after"), int | float):
+                            retry_after = float(frame["retry_after"])
                         on_frame(frame)
                 except websockets.ConnectionClosed:
                     pass
@@ -82,6 +84,7 @@ async def listen(token: str, url: str = DEFAULT_URL, on_frame: Callable[[dict], 
         if loop.time() - opened > STABLE_AFTER:
             attempt = 0
         delay = random.uniform(0, min(MAX_DELAY, BASE_DELAY * 2**attempt))  # noqa: S311 - jitter, not a secret
+        delay = max(delay, retry_after)  # an overloaded server (4013) says how long to stay away
         attempt += 1
         print(f"{reason}; reconnecting in {delay:.1f} s", file=sys.stderr, flush=True)
         await asyncio.sleep(delay)

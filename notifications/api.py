@@ -6,7 +6,8 @@ Authentication: ``Authorization: Bearer <token>`` or the Django session (writes 
 
 import json
 import logging
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -21,7 +22,8 @@ from ninja.errors import ValidationError as NinjaValidationError
 from ninja.parser import Parser
 from ninja.security.http import HttpBearer
 from ninja.utils import check_csrf
-from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, create_model
+from pydantic import ValidationError as PydanticValidationError
 
 from . import selectors, services, throttle
 from .auth import TOO_MANY_FAILURES, AuthFailure, bearer_from_header, counted, ticket_issue, token_authenticate
@@ -175,25 +177,41 @@ def _field_name(loc) -> str | None:
     return ".".join([str(parts[0])] + [str(part) for part in parts[1:] if isinstance(part, int)])
 
 
+NOT_VALID = "The request is not valid."
+
+
+def _error_fields(errors, where: tuple = ()) -> dict[str, str] | None:
+    """``{field: message}`` of pydantic errors (their locations under ``where``); None when an
+    error is about the whole value (it is not an object)."""
+    fields: dict[str, str] = {}
+    for e in errors:
+        name = _field_name((*where, *e.get("loc", ())))
+        if name is None:
+            return None
+        fields.setdefault(name, e.get("msg", "invalid"))
+    return fields
+
+
 @api.exception_handler(NinjaValidationError)
 def _invalid(request, exc: NinjaValidationError):
     if any(e.get("type") == "json_invalid" for e in exc.errors):
         return error_response(400, "bad_json", "The body is not valid JSON.")
-    fields: dict[str, str] = {}
-    for e in exc.errors:
-        name = _field_name(e.get("loc", ()))
-        if name is None:
-            return error_response(400, "invalid", "The body must be a JSON object.")
-        fields.setdefault(name, e.get("msg", "invalid"))
-    return error_response(400, "invalid", "The request is not valid.", fields)
+    fields = _error_fields(exc.errors)
+    if fields is None:
+        return error_response(400, "invalid", "The body must be a JSON object.")
+    return error_response(400, "invalid", NOT_VALID, fields)
+
+
+def _django_error(exc: DjangoValidationError) -> tuple[str, dict[str, str] | None]:
+    """The message and fields of a service's ``ValidationError``."""
+    if hasattr(exc, "error_dict"):
+        return NOT_VALID, {name: " ".join(messages) for name, messages in exc.message_dict.items()}
+    return " ".join(exc.messages), None
 
 
 @api.exception_handler(DjangoValidationError)
 def _django_invalid(request, exc: DjangoValidationError):
-    if hasattr(exc, "error_dict"):
-        fields = {name: " ".join(messages) for name, messages in exc.message_dict.items()}
-        return error_response(400, "invalid", "The request is not valid.", fields)
-    return error_response(400, "invalid", " ".join(exc.messages))
+    return error_response(400, "invalid", *_django_error(exc))
 
 
 @api.exception_handler(services.IdempotencyConflict)
@@ -261,6 +279,32 @@ class NotificationIn(Strict):
     )
     topic: str | None = Field(None, description="A topic slug.")
     broadcast: StrictBool = False
+
+
+class BatchItemIn(NotificationIn):
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="A retry of the batch with the same key and content replays this item (200) instead of "
+        "sending it again; the same key with other content is a 409 for this item.",
+    )
+
+
+# Items are validated one by one (an invalid item is that item's 400) with NotificationIn's own
+# fields, on a plain pydantic model: ninja's Schema validates each object twice, through its
+# Django-object wrapper, which would cost more than storing the item.
+BatchItem = create_model(
+    "BatchItem",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (info.annotation, info) for name, info in BatchItemIn.model_fields.items()},  # type: ignore[call-overload]
+)
+
+
+class BatchIn(Strict):
+    # Each item is validated on its own (an invalid item is that item's 400, not the request's),
+    # so the list holds any JSON value; the schema documents the item's shape.
+    items: list[Annotated[Any, WithJsonSchema(BatchItemIn.model_json_schema())]] = Field(
+        min_length=1, max_length=services.BATCH_MAX, description=f"1 to {services.BATCH_MAX} sends."
+    )
 
 
 class NotificationOut(Schema):
@@ -332,6 +376,20 @@ class ErrorOut(Schema):
     error: ErrorBody
 
 
+class BatchItemOut(Schema):
+    index: int = Field(description="The item's position in `items`.")
+    status: Literal[200, 201, 400, 409] = Field(
+        description="201 stored; 200 replayed (an earlier send with this idempotency key and content, not sent "
+        "again); 400 invalid; 409 the idempotency key was used for different content."
+    )
+    notifications: list[NotificationOut] | None = Field(None, description="With 200 and 201.")
+    error: ErrorBody | None = Field(None, description="With 400 and 409.")
+
+
+class BatchOut(Schema):
+    results: list[BatchItemOut] = Field(description="One per item, in item order.")
+
+
 ERRORS = {
     400: ErrorOut, 401: ErrorOut, 403: ErrorOut, 404: ErrorOut, 413: ErrorOut, 415: ErrorOut, 429: ErrorOut,
     503: ErrorOut,
@@ -341,24 +399,40 @@ ERRORS = {
 # Endpoints
 
 
-def _resolve_audience_users(values: list[int | str]) -> list:
-    User = get_user_model()
-    ids = [v for v in values if isinstance(v, int)]
-    names = [v for v in values if isinstance(v, str)]
+def _impossible_ids(ids: list[int]) -> None:
     impossible = [i for i in ids if not 1 <= i <= MAX_ID]
     if impossible:
-        raise ApiError(
-            400, "invalid", "The request is not valid.", {"users": f"Unknown or inactive user ids: {impossible[:20]}"}
-        )
-    by_name = dict(
+        raise ApiError(400, "invalid", NOT_VALID, {"users": f"Unknown or inactive user ids: {impossible[:20]}"})
+
+
+def _users_by_name(names: Iterable[str]) -> dict[str, int]:
+    """``{username: id}`` of the active users among ``names``: one query (none without names)."""
+    User = get_user_model()
+    return dict(
         User.objects.filter(**{f"{User.USERNAME_FIELD}__in": names}, is_active=True).values_list(
             User.USERNAME_FIELD, "pk"
         )
     )
+
+
+def _refuse_unknown_names(names: list[str], by_name: dict[str, int]) -> None:
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise ApiError(400, "invalid", "The request is not valid.", {"users": f"Unknown users: {unknown[:20]}"})
+        raise ApiError(400, "invalid", NOT_VALID, {"users": f"Unknown users: {unknown[:20]}"})
+
+
+def _resolve_audience_users(values: list[int | str]) -> list:
+    ids = [v for v in values if isinstance(v, int)]
+    names = [v for v in values if isinstance(v, str)]
+    _impossible_ids(ids)
+    by_name = _users_by_name(names)
+    _refuse_unknown_names(names, by_name)
     return ids + list(by_name.values())
+
+
+def _require_sender(user) -> None:
+    if not (user.is_staff and user.has_perm("notifications.add_notification")):
+        raise ApiError(403, "forbidden", "Only staff with the 'add notification' permission may send.")
 
 
 @api.post(
@@ -370,8 +444,7 @@ def _resolve_audience_users(values: list[int | str]) -> list:
 )
 def send_notification(request, payload: NotificationIn):
     user = request.auth
-    if not (user.is_staff and user.has_perm("notifications.add_notification")):
-        raise ApiError(403, "forbidden", "Only staff with the 'add notification' permission may send.")
+    _require_sender(user)
     audience: dict[str, Any] = {}
     if payload.users is not None:
         audience["users"] = _resolve_audience_users(payload.users)
@@ -391,6 +464,80 @@ def send_notification(request, payload: NotificationIn):
     )
     body = {"notifications": [notification_payload(n, is_read=False) for n in rows]}
     return Status(200 if rows.replayed else 201, body)
+
+
+# One status for the request, 200, and one per item: the request succeeded (every item was
+# processed and answered) even when some items were refused. 207 Multi-Status is WebDAV's, with an
+# XML body; with 200 a client reads each item's status either way, and a non-200 always means the
+# whole batch was refused or failed (400, 403, 503) and nothing of it was stored.
+BATCH_STATUS = {"stored": 201, "replayed": 200, "invalid": 400, "conflict": 409}
+
+
+@api.post(
+    "/notifications/batch/",
+    response={200: BatchOut, **ERRORS},
+    summary="Send many notifications (staff)",
+    description=f"1 to {services.BATCH_MAX} items, each the body of `POST /api/notifications/` plus an optional "
+    "`idempotency_key`. 200 with one result per item, in order: 201 stored, 200 replayed (same key and content "
+    "as an earlier send: nothing sent again), 400 invalid (with `error`), 409 key used for other content. A bad "
+    "item never stops the others. The batch is one transaction, pushed after commit: a 503 stored nothing.",
+)
+def send_notification_batch(request, payload: BatchIn):
+    user = request.auth
+    _require_sender(user)
+    results: list[dict[str, Any] | None] = [None] * len(payload.items)
+    valid: list[tuple[int, Any]] = []
+    for index, item in enumerate(payload.items):
+        try:
+            valid.append((index, BatchItem.model_validate(item)))
+        except PydanticValidationError as exc:
+            fields = _error_fields(exc.errors(include_url=False), ("body", "item"))
+            if fields is None:
+                results[index] = _item_error(index, 400, "invalid", "An item must be a JSON object.")
+            else:
+                results[index] = _item_error(index, 400, "invalid", NOT_VALID, fields)
+    by_name = _users_by_name({v for _, item in valid for v in item.users or () if isinstance(v, str)})
+    sends: list[tuple[int, dict[str, Any]]] = []
+    for index, item in valid:
+        send: dict[str, Any] = {"title": item.title, "body": item.body, "level": item.level, "data": item.data,
+                                "link": item.link}
+        if item.idempotency_key is not None:
+            send["idempotency_key"] = item.idempotency_key
+        try:
+            if item.users is not None:
+                ids = [v for v in item.users if isinstance(v, int)]
+                names = [v for v in item.users if isinstance(v, str)]
+                _impossible_ids(ids)
+                _refuse_unknown_names(names, by_name)
+                send["users"] = ids + [by_name[n] for n in names]
+        except ApiError as exc:
+            results[index] = _item_error(index, exc.status, exc.code, exc.message, exc.fields)
+            continue
+        if item.topic is not None:
+            send["topic"] = item.topic
+        if item.broadcast:
+            send["broadcast"] = True
+        sends.append((index, send))
+    if sends:
+        outcomes = services.notification_send_batch([send for _, send in sends], actor=user)
+        for (index, _), outcome in zip(sends, outcomes, strict=True):
+            results[index] = _item_result(index, outcome)
+    # Built here from JSON-safe values: rendered without validating 1000 payloads against BatchOut again.
+    return api.create_response(request, {"results": results}, status=200)
+
+
+def _item_error(index: int, status: int, code: str, message: str, fields: dict | None = None) -> dict[str, Any]:
+    return {"index": index, "status": status, **error_body(code, message, fields)}
+
+
+def _item_result(index: int, outcome: services.ItemResult) -> dict[str, Any]:
+    status = BATCH_STATUS[outcome.outcome]
+    if isinstance(outcome.error, DjangoValidationError):
+        return _item_error(index, status, "invalid", *_django_error(outcome.error))
+    if outcome.error is not None:
+        return _item_error(index, status, "idempotency_conflict", str(outcome.error))
+    return {"index": index, "status": status,
+            "notifications": [notification_payload(n, is_read=False) for n in outcome.notifications]}
 
 
 @api.get("/notifications/", response={200: InboxOut, **ERRORS}, summary="Your inbox, newest first")

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
-from asgiref.sync import sync_to_async
 from channels.auth import get_user
-from channels.db import database_sync_to_async
 from channels.sessions import CookieMiddleware, InstanceSessionWrapper, SessionMiddleware
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
@@ -29,7 +27,8 @@ from django.db import InterfaceError, OperationalError, transaction
 from django.http.request import validate_host
 from django.utils import timezone
 
-from . import protocol, push, throttle
+from . import db, protocol, push, throttle
+from .db import database_sync_to_async
 from .models import ApiToken, WsTicket
 from .net import scope_client_ip
 from .throttled_log import ThrottledLog
@@ -47,6 +46,7 @@ class AuthFailure(Exception):
     code: str
     message: str
     close_code: int = protocol.CLOSE_UNAUTHENTICATED
+    retry_after: float | None = None  # seconds, for a 4013: come back then
 
 
 def _hash(raw: str) -> str:
@@ -202,6 +202,11 @@ class WebSocketAuthMiddleware:
     async def __call__(self, scope, receive, send):
         scope = dict(scope, auth_token_id=None)
         address = scope_client_ip(scope) or "unknown"
+        if db.overloaded():  # before any database work: answered at once, not after the queue
+            scope["user"], scope["auth_method"] = AnonymousUser(), None
+            scope["auth_error"] = AuthFailure(protocol.OVERLOADED, "The server is busy; try again later.",
+                                              protocol.CLOSE_TRY_AGAIN_LATER, db.retry_after())
+            return await self.inner(scope, receive, send)
         try:
             try:
                 scope["user"], scope["auth_method"] = await self.resolve(scope)
@@ -210,7 +215,9 @@ class WebSocketAuthMiddleware:
                 raise STORE_UNAVAILABLE from None
             scope["auth_error"] = None
         except AuthFailure as failure:
-            answer = await sync_to_async(counted)(failure, address) if failure.code in COUNTED_FAILURES else failure
+            answer = failure
+            if failure.code in COUNTED_FAILURES:
+                answer = await database_sync_to_async(counted)(failure, address)
             scope["user"], scope["auth_method"], scope["auth_error"] = AnonymousUser(), None, answer
         return await self.inner(scope, receive, send)
 

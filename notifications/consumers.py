@@ -15,14 +15,14 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import InterfaceError, OperationalError
 
-from . import metrics, observe, protocol, resume, selectors, services, streams
+from . import db, metrics, observe, protocol, resume, selectors, services, streams
 from .auth import ALL_SESSIONS
+from .db import database_sync_to_async
 from .hub import Hub, get_hub
 from .models import Notification, Topic
 from .net import scope_client_ip, scope_headers
@@ -75,7 +75,10 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         failure = self.scope.get("auth_error")
         if failure is not None:
             observe.refused(self, failure.code, failure.close_code)
-            await self.send_frame(protocol.error_frame(failure.code, failure.message))
+            retry_after = failure.retry_after
+            if retry_after is None and failure.close_code == protocol.CLOSE_TRY_AGAIN_LATER:
+                retry_after = db.retry_after()
+            await self.send_frame(protocol.error_frame(failure.code, failure.message, retry_after=retry_after))
             await self.close(code=failure.close_code, reason=failure.message[:120])
             return
         query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
@@ -92,7 +95,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             return
         user = self.scope["user"]
         try:
-            topics, epoch = await self._initial_state(user)
+            topics = await self._followed_topics(user)
         except (OperationalError, InterfaceError) as exc:
             await self._refuse_unavailable("database", exc)
             return
@@ -129,7 +132,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
                 "unread_count": unread,
                 "topics": slugs,
                 "cursor": dict(self.positions),
-                "epoch": epoch,
+                "epoch": self.hub.epoch,  # read by the hub at start and at each store check: no query here
                 "max_frame_bytes": self.max_frame_bytes,
             }
         )
@@ -151,7 +154,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         """A dependency is down: tell the client to come back later (4013); one log line per outage."""
         store_failures.failure(f"cannot serve connections: {dependency} unavailable", exc)
         observe.refused(self, protocol.UNAVAILABLE, protocol.CLOSE_TRY_AGAIN_LATER)
-        await self.send_frame(protocol.error_frame(protocol.UNAVAILABLE, "Try again later."))
+        frame = protocol.error_frame(protocol.UNAVAILABLE, "Try again later.", retry_after=db.retry_after())
+        await self.send_frame(frame)
         await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
 
     async def disconnect(self, code):
@@ -369,7 +373,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
 
     @database_sync_to_async
     def _replay(self, since: dict[str, int], epoch: str | None, *, count_through: dict[str, int] | None = None) -> dict:
-        result = resume.outcome(self.user, since, epoch, self.positions)
+        result = resume.outcome(self.user, since, epoch, self.positions, self.hub.epoch)
         # Up to what the client has had (the live frames held meanwhile follow `resumed` and add one each).
         result["unread_count"] = selectors.unread_count_for(self.user, through=count_through or self.positions)
         return result
@@ -403,8 +407,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         await get_presence().update_topics(self.connection_id, sorted(self.outbox.topics.values()))
 
     @database_sync_to_async
-    def _initial_state(self, user) -> tuple[dict[int, str], str]:
-        return selectors.followed_topics(user), selectors.store_epoch()
+    def _followed_topics(self, user) -> dict[int, str]:
+        return selectors.followed_topics(user)
 
     @database_sync_to_async
     def _unread_count(self, through: dict[str, int]) -> int:

@@ -24,12 +24,12 @@ import logging
 import time
 import weakref
 
-from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
-from . import metrics, protocol, selectors, streams
+from . import metrics, protocol, selectors, streams, transport
+from .db import database_sync_to_async
 from .outbox import Outbox
 from .registry import Registry
 from .sequencer import Sequencer
@@ -43,6 +43,7 @@ LEAVE_AFTER = 30.0
 # Memberships are renewed when this fraction of channels-redis' group_expiry has passed.
 RENEW_FRACTION = 0.25
 MARKER_PREFIX = "hub-marker."
+RENEW_BATCH = 1000  # groups per pipeline when renewing
 _MESSAGE_KINDS = {"u": "user", "t": "topic", "b": "broadcast"}
 
 
@@ -58,6 +59,7 @@ class Hub:
         self.sequencer = Sequencer(self._deliver, self._read, gap_wait=options["HUB_GAP_WAIT"])
         self.sync_interval = options["HUB_SYNC_INTERVAL"]
         self.joining: dict[str, asyncio.Task] = {}  # a stream's join: group_add, then its head
+        self.next_join: tuple[list[str], asyncio.Task] | None = None  # the batch still taking streams
         self.leaving: dict[str, asyncio.Task] = {}
         self.idle_since: dict[str, float] = {}  # joined streams with no local socket
         self.started: asyncio.Future | None = None
@@ -170,19 +172,28 @@ class Hub:
         return the head of each (a stream that became ready meanwhile: its position)."""
         new = [s for s in wanted if s not in self.joining and not self.sequencer.is_ready(s)]
         if new:
-            task = asyncio.get_running_loop().create_task(self._join_now(new))
+            if self.next_join is None:  # the joins asked for in this tick go together
+                batch: list[str] = []
+                self.next_join = (batch, asyncio.get_running_loop().create_task(self._join_batch(batch)))
+            batch, task = self.next_join
+            batch.extend(new)
             for stream in new:
+                self.sequencer.open(stream)  # keep what arrives from now on
                 self.joining[stream] = task
         heads: dict[str, int] = {}
         for result in await asyncio.gather(*{self.joining[s] for s in wanted if s in self.joining}):
             heads.update(result)
         return {s: heads[s] if s in heads else self.sequencer.position(s) for s in wanted}
 
+    async def _join_batch(self, batch: list[str]) -> dict[str, int]:
+        """The streams asked for until the loop runs this task: one round of group_adds and one
+        read of their heads for all (a burst of handshakes joins in batches, not one by one)."""
+        self.next_join = None
+        return await self._join_now(batch)
+
     async def _join_now(self, new: list[str]) -> dict[str, int]:
         try:
-            for stream in new:
-                self.sequencer.open(stream)  # keep what arrives from now on
-            await asyncio.gather(*(self._rejoin(s) for s in new))
+            await self._rejoin(new)
             # Every commit after this read is pushed after the group_add above: it arrives here.
             heads = await database_sync_to_async(streams.heads)(new)
             for stream in new:
@@ -197,16 +208,17 @@ class Hub:
             for stream in new:
                 self.joining.pop(stream, None)
 
-    async def _rejoin(self, stream: str) -> None:
-        leaving = self.leaving.get(stream)
-        if leaving is not None:
-            await asyncio.gather(leaving, return_exceptions=True)  # in order: the discard, then this add
-        if self.markers:
-            index = self.layer.consistent_hash(stream)
-            if index not in self.marked:  # the shard's marker, before the first membership there
-                await self.layer.group_add(self.markers[index], self.channel)
+    async def _rejoin(self, new: list[str]) -> None:
+        leaving = [self.leaving[s] for s in new if s in self.leaving]
+        if leaving:
+            await asyncio.gather(*leaving, return_exceptions=True)  # in order: the discard, then this add
+        groups = list(new)
+        for stream in new:  # each shard's marker, before the first membership there
+            index = self.layer.consistent_hash(stream) if self.markers else 0
+            if self.markers and index not in self.marked:
+                groups.insert(0, self.markers[index])
                 self.marked.add(index)
-        await self.layer.group_add(stream, self.channel)
+        await transport.group_add_many(self.layer, groups, self.channel)
 
     def _leave_idle(self) -> None:
         deadline = time.monotonic() - LEAVE_AFTER
@@ -229,8 +241,9 @@ class Hub:
         (``group_expiry``), so a long-lived socket never silently stops receiving; a process
         that dies stops renewing, and its memberships expire."""
         markers = [self.markers[index] for index in sorted(self.marked)]
-        for stream in [s for s in self.sequencer.streams if s not in self.leaving] + markers:
-            await self.layer.group_add(stream, self.channel)
+        joined = [s for s in self.sequencer.streams if s not in self.leaving]
+        for start in range(0, len(joined) + len(markers), RENEW_BATCH):
+            await transport.group_add_many(self.layer, (joined + markers)[start : start + RENEW_BATCH], self.channel)
 
     async def _check_memberships(self) -> None:
         """Join again the groups of a Redis shard that forgot this process (restarted empty, or
@@ -247,8 +260,7 @@ class Hub:
                     if s not in self.leaving and self.layer.consistent_hash(s) == index]
             logger.warning("Redis shard %d forgot this process's group memberships (restarted empty?): "
                            "joining its %d stream group(s) again", index, len(lost))
-            for group in [*lost, marker]:
-                await self.layer.group_add(group, self.channel)
+            await transport.group_add_many(self.layer, [*lost, marker], self.channel)
             await self.check_streams(fill_all=True)  # what was pushed while this process was not a member
 
     # Receiving

@@ -1,14 +1,16 @@
 """ASGI lifespan: warn at startup about a one-process configuration; on shutdown, leave the
-stream group and presence before the process exits.
+stream groups and presence, and close the database threads' connections, before the process
+exits.
 
 uvicorn sends lifespan events (Daphne does not; there, a dead process's presence entries
 expire after PRESENCE_TTL and its stream membership after the channel layer's group
 expiry; messages sent to it meanwhile are simply never read).
 """
 
+import asyncio
 import logging
 
-from . import metrics
+from . import db, metrics
 from .checks import channel_layer_check
 from .hub import shutdown_hubs
 
@@ -27,6 +29,7 @@ async def lifespan(scope, receive, send):
                 await shutdown_hubs()
             except Exception as exc:  # shutting down anyway; say why the cleanup was partial
                 logger.warning("hub shutdown incomplete: %s: %s", type(exc).__name__, exc)
+            await asyncio.to_thread(db.shutdown)
             metrics.process_exit()
             await send({"type": "lifespan.shutdown.complete"})
             return

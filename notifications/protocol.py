@@ -53,6 +53,7 @@ FRAME_TOO_LARGE = "frame_too_large"
 DISCONNECTED = "disconnected"
 SESSION_CHANGED = "session_changed"
 UNAVAILABLE = "unavailable"
+OVERLOADED = "overloaded"
 RATE_LIMITED = "rate_limited"
 TOO_MANY_TOPICS = "too_many_topics"
 TOO_MANY_CONNECTIONS = "too_many_connections"
@@ -83,8 +84,13 @@ class ProtocolError(Exception):
         return frame
 
 
-def error_frame(code: str, message: str, request_id: Any = None) -> dict[str, Any]:
-    return ProtocolError(code, message, request_id).frame()
+def error_frame(code: str, message: str, request_id: Any = None, *, retry_after: float | None = None) -> dict[str, Any]:
+    """An ``error`` frame; ``retry_after``: the seconds a client should wait before it reconnects
+    (sent before a 4013 close: the server is overloaded or a dependency is down)."""
+    frame = ProtocolError(code, message, request_id).frame()
+    if retry_after is not None:
+        frame["retry_after"] = retry_after
+    return frame
 
 
 @dataclass(frozen=True)

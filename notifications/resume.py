@@ -19,15 +19,17 @@ from django.utils import timezone
 from . import selectors, streams
 
 
-def outcome(user, cursor: dict[str, int], epoch: str | None, positions: dict[str, int]) -> dict:
+def outcome(user, cursor: dict[str, int], epoch: str | None, positions: dict[str, int],
+            current_epoch: str | None = None) -> dict:
     """Decide a resume (database work; run it in a thread): ``{"recovered": True, "count": n, "rows":
     [...], "skip": {...}}`` or ``{"recovered": False, "reason": ..., "count": 0}``.
 
     ``skip``: streams where the cursor is ahead of this process's position (the client heard a
     newer offset from another process that this one has not delivered yet): live frames up to the
-    cursor's offset are dropped for this connection, the client has them."""
+    cursor's offset are dropped for this connection, the client has them. ``current_epoch``: the
+    store's epoch as this process knows it (the hub's), or None to read it."""
     options = settings.NOTIFICATIONS
-    if epoch is not None and epoch != selectors.store_epoch():
+    if epoch is not None and epoch != (current_epoch or selectors.store_epoch()):
         return {"recovered": False, "reason": "epoch_changed", "count": 0}
     readable = {key: offset for key, offset in cursor.items() if _readable(user, key)}
     heads = streams.heads(readable)

@@ -13,6 +13,7 @@ first; they are combined with ``UNION ALL`` (the parts are disjoint by audience)
 from collections.abc import Iterable
 
 from django.contrib.auth import get_user_model
+from django.db import connection
 from django.db.models import BooleanField, Exists, ExpressionWrapper, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
@@ -69,7 +70,57 @@ def visible_ids(user, ids: Iterable[int]) -> set[int]:
 def unread_count_for(user, *, through: dict[str, int] | None = None) -> int:
     """How many visible notifications ``user`` has not read: one query. With ``through``, the
     streams it names count only up to its offsets (what a connection's cursor covers: the later
-    ones arrive live and count then); the others count whole."""
+    ones arrive live and count then); the others count whole.
+
+    Every handshake and resume asks this, so it is one SQL statement written out rather than
+    built by the ORM from ``_visible_parts`` (about 9 ms of CPU per call on this machine, more
+    than the rest of a handshake): the same three parts, the same visibility and read rules.
+    ``unread_count_orm`` is that ORM form; tests hold the two equal."""
+    qn = connection.ops.quote_name
+    n, f = qn(Notification._meta.db_table), qn(Follow._meta.db_table)
+    r, w = qn(Receipt._meta.db_table), qn(InboxState._meta.db_table)
+    offset = qn("offset")
+    windows: dict[str, list] = {"personal": [], "topical": [], "broadcast": []}
+    clauses = {"personal": "", "topical": "", "broadcast": ""}
+    if through is not None:
+        topic_windows = []
+        for key, last in through.items():
+            parsed = streams.parse(key)
+            if parsed is None:
+                continue
+            kind, number = parsed
+            window = f"n.{offset} > 0 AND n.{offset} <= %s"
+            if kind == "u" and number == user.pk:
+                clauses["personal"], windows["personal"] = f" AND {window}", [last]
+            elif kind == "b":
+                clauses["broadcast"], windows["broadcast"] = f" AND {window}", [last]
+            elif kind == "t":
+                topic_windows.append((number, last))
+        if topic_windows:
+            listed = ", ".join(["%s"] * len(topic_windows))
+            within = " OR ".join([f"(n.topic_id = %s AND {window})"] * len(topic_windows))
+            clauses["topical"] = f" AND (n.topic_id NOT IN ({listed}) OR {within})"
+            windows["topical"] = [t for t, _ in topic_windows] + [v for t, last in topic_windows for v in (t, last)]
+    sql = (
+        f"SELECT COUNT(*) FROM ("  # noqa: S608 - only quoted names and placeholders are interpolated
+        f"SELECT n.id FROM {n} n WHERE n.recipient_id = %s{clauses['personal']} "
+        f"UNION ALL SELECT n.id FROM {n} n INNER JOIN {f} f ON f.topic_id = n.topic_id "
+        f"WHERE f.user_id = %s AND n.created_at >= f.created_at "
+        f"AND (f.ended_at IS NULL OR n.created_at < f.ended_at){clauses['topical']} "
+        f"UNION ALL SELECT n.id FROM {n} n WHERE n.audience = %s AND n.created_at >= %s{clauses['broadcast']}"
+        f") v WHERE v.id > COALESCE((SELECT w.read_watermark FROM {w} w WHERE w.user_id = %s), 0) "
+        f"AND NOT EXISTS (SELECT 1 FROM {r} r WHERE r.user_id = %s AND r.notification_id = v.id "
+        f"AND (r.read_at IS NOT NULL OR r.dismissed_at IS NOT NULL))"
+    )
+    params = [user.pk, *windows["personal"], user.pk, *windows["topical"], Audience.BROADCAST.value,
+              user.date_joined, *windows["broadcast"], user.pk, user.pk]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()[0]
+
+
+def unread_count_orm(user, *, through: dict[str, int] | None = None) -> int:
+    """``unread_count_for`` built by the ORM from ``_visible_parts`` (the reference for tests)."""
     per_part = None
     if through is not None:
         per_part = _range_parts(user, {key: (0, offset) for key, offset in through.items()}, others=True)

@@ -5,10 +5,11 @@ and schedules its push with ``transaction.on_commit`` (through ``push``, the one
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -35,6 +36,7 @@ BODY_MAX = 10_000
 DATA_MAX_BYTES = 16 * 1024
 DATA_MAX_DEPTH = 10
 USERS_MAX = 10_000
+LEVELS = frozenset(Level.values)
 
 
 def _depth(value: Any, level: int = 1) -> int:
@@ -144,6 +146,26 @@ def notification_send(
     (``.replayed`` is True) and sends nothing; the same key with different content raises
     ``IdempotencyConflict``.
     """
+    rows = _notification_rows(title=title, body=body, level=level, data=data, link=link, actor=actor,
+                              users=users, topic=topic, broadcast=broadcast)
+    return _send_rows(rows, actor=actor, idempotency_key=idempotency_key)
+
+
+def _notification_rows(
+    *,
+    title: str,
+    body: str = "",
+    level: str = Level.INFO,
+    data: dict | None = None,
+    link: str | None = None,
+    actor=None,
+    users: Iterable | None = None,
+    topic: Topic | str | None = None,
+    broadcast: bool = False,
+) -> list[Notification]:
+    """The unsaved rows of one send, validated (``ValidationError`` names the field otherwise):
+    one per user, or one for the topic or broadcast; no offsets yet. The one validation of
+    ``notification_send`` and of every item of ``notification_send_batch``."""
     audiences = [users is not None, topic is not None, bool(broadcast)]
     if sum(audiences) != 1:
         raise ValidationError("Give exactly one audience: users, topic, or broadcast=True.")
@@ -152,7 +174,7 @@ def notification_send(
         errors["title"] = f"title is required, at most {TITLE_MAX} characters."
     if not isinstance(body, str) or len(body) > BODY_MAX:
         errors["body"] = f"body must be a string of at most {BODY_MAX} characters."
-    if level not in Level.values:
+    if not isinstance(level, str) or level not in LEVELS:
         errors["level"] = f"level must be one of {', '.join(Level.values)}."
     for name, text in (("title", title), ("body", body), ("link", link)):
         if isinstance(text, str) and not protocol.is_storable_text(text) and name not in errors:
@@ -168,11 +190,15 @@ def notification_send(
         "actor": actor,
     }
     if users is not None:
-        rows = [Notification(audience=Audience.USER, recipient_id=pk, **fields) for pk in _user_ids(users)]
-    elif topic is not None:
-        rows = [Notification(audience=Audience.TOPIC, topic=_resolve_topic(topic), **fields)]
-    else:
-        rows = [Notification(audience=Audience.BROADCAST, **fields)]
+        return [Notification(audience=Audience.USER, recipient_id=pk, **fields) for pk in _user_ids(users)]
+    if topic is not None:
+        return [Notification(audience=Audience.TOPIC, topic=_resolve_topic(topic), **fields)]
+    return [Notification(audience=Audience.BROADCAST, **fields)]
+
+
+def _send_rows(rows: list[Notification], *, actor, idempotency_key: str | None) -> "Sent":
+    """Store the rows of one send (``_notification_rows``) in a transaction (a savepoint inside
+    the caller's), and push them after commit; or replay the send claimed by ``idempotency_key``."""
     with transaction.atomic():
         claim = _claim_idempotency_key(idempotency_key, actor, rows) if idempotency_key is not None else None
         if claim is not None and claim.notification_ids:
@@ -248,6 +274,129 @@ def _claim_idempotency_key(key: str, actor, rows: list[Notification]) -> Idempot
             f"The idempotency key {key!r} was already used for a different request; use a new key."
         )
     return earlier
+
+
+BATCH_MAX = 1000
+# An item of ``notification_send_batch``: ``notification_send``'s keyword arguments but ``actor``.
+BATCH_FIELDS = frozenset(
+    {"title", "body", "level", "data", "link", "users", "topic", "broadcast", "idempotency_key"}
+)
+
+
+@dataclass
+class ItemResult:
+    """The outcome of one item of a batch: ``stored`` now, ``replayed`` (an earlier send with the
+    same idempotency key and content: its rows, nothing sent again), ``invalid`` (``error`` is the
+    ``ValidationError``) or ``conflict`` (the key was used for a different request: ``error`` is
+    the ``IdempotencyConflict``)."""
+
+    outcome: Literal["stored", "replayed", "invalid", "conflict"]
+    notifications: list[Notification] = field(default_factory=list)
+    error: ValidationError | IdempotencyConflict | None = None
+
+
+def notification_send_batch(items: Sequence[Mapping[str, Any]], *, actor=None) -> list[ItemResult]:
+    """Many sends at once, one ``ItemResult`` per item, in item order; a bad item never stops
+    the others.
+
+    Each item holds ``notification_send``'s keyword arguments (``title``, ``body``, ``level``,
+    ``data``, ``link``, one of ``users``/``topic``/``broadcast``, optionally ``idempotency_key``),
+    validated as it validates them; ``actor`` sends them all. The whole batch is one transaction
+    (a savepoint inside the caller's), pushed after commit:
+
+    - the items without an idempotency key: their users checked in one query, the offsets of all
+      their streams reserved in one upsert (``streams.reserve_counts``, consecutive per stream in
+      item order), their rows inserted in one ``bulk_create`` and pushed by one ``on_commit``;
+    - the items with a key, one by one in key order, each through ``notification_send``'s own
+      path in its own savepoint, so a retried batch stores nothing twice.
+
+    Its first write locks every stream the batch may send to, in key order (as ``reserve`` does
+    for one send), and the keys are claimed in key order after it, so two batches cannot deadlock.
+    (A single send with a key claims the key first: when it races a batch that has the same key
+    and stream, PostgreSQL may abort one of the two with a deadlock error, a 503 to retry.) A
+    database error propagates and rolls the whole batch back: nothing is stored, and a retry is
+    safe.
+    """
+    if not 1 <= len(items) <= BATCH_MAX:
+        raise ValidationError({"items": f"items must list 1 to {BATCH_MAX} notifications."})
+    results: list[ItemResult | None] = [None] * len(items)
+    planned: list[tuple[int, list[Notification], str | None]] = []
+    slugs = {item["topic"] for item in items if isinstance(item, Mapping) and isinstance(item.get("topic"), str)}
+    topics = {t.slug: t for t in Topic.objects.filter(slug__in=slugs)} if slugs else {}
+    for index, item in enumerate(items):
+        try:
+            kwargs = _batch_item(item)
+            key = kwargs.pop("idempotency_key", None)
+            if isinstance(kwargs.get("topic"), str):
+                kwargs["topic"] = topics.get(kwargs["topic"], kwargs["topic"])  # unknown: _resolve_topic says so
+            planned.append((index, _notification_rows(actor=actor, **kwargs), key))
+        except ValidationError as exc:
+            results[index] = ItemResult("invalid", error=exc)
+    active = _active_user_ids({row.recipient_id for _, rows, _ in planned for row in rows if row.recipient_id})
+    plain: list[tuple[int, list[Notification]]] = []
+    keyed: list[tuple[int, list[Notification], str]] = []
+    counts: dict[str, int] = {}
+    for index, rows, key in planned:
+        missing = sorted({row.recipient_id for row in rows if row.recipient_id} - active)
+        if key is not None:
+            keyed.append((index, rows, key))
+            for row in rows:  # locked below, at count 0; unknown users are notification_send's to refuse
+                if row.recipient_id is None or row.recipient_id in active:
+                    counts.setdefault(streams.stream_of(row), 0)
+        elif missing:
+            error = ValidationError({"users": f"Unknown or inactive user ids: {missing[:20]}"})
+            results[index] = ItemResult("invalid", error=error)
+        else:
+            plain.append((index, rows))
+            for row in rows:
+                key_of_row = streams.stream_of(row)
+                counts[key_of_row] = counts.get(key_of_row, 0) + 1
+    with transaction.atomic():
+        if counts:
+            heads = streams.reserve_counts(counts)
+            next_offset = {stream: heads[stream] - n + 1 for stream, n in counts.items()}
+            stored = [row for _, rows in plain for row in rows]
+            for row in stored:
+                stream = streams.stream_of(row)
+                row.offset = next_offset[stream]
+                next_offset[stream] += 1
+            if stored:
+                Notification.objects.bulk_create(stored)
+                transaction.on_commit(lambda: push.notifications_created(stored))
+            for index, rows in plain:
+                results[index] = ItemResult("stored", rows)
+        # Key order: two batches with the same keys claim them in the same order.
+        for index, rows, key in sorted(keyed, key=lambda planned_item: planned_item[2]):
+            try:
+                sent = _send_rows(rows, actor=actor, idempotency_key=key)
+            except ValidationError as exc:
+                results[index] = ItemResult("invalid", error=exc)
+            except IdempotencyConflict as exc:
+                results[index] = ItemResult("conflict", error=exc)
+            else:
+                results[index] = ItemResult("replayed" if sent.replayed else "stored", list(sent))
+    return cast(list[ItemResult], results)
+
+
+def _batch_item(item: Any) -> dict[str, Any]:
+    if not isinstance(item, Mapping):
+        raise ValidationError("An item must be a mapping of notification_send's arguments.")
+    unknown = sorted(set(item) - BATCH_FIELDS, key=str)
+    if unknown:
+        raise ValidationError({str(name): "Unknown field." for name in unknown})
+    if "title" not in item:
+        raise ValidationError({"title": f"title is required, at most {TITLE_MAX} characters."})
+    return dict(item)
+
+
+def _active_user_ids(user_ids: set[int]) -> set[int]:
+    """Which of these users exist and are active: one query (per ``streams.CHUNK`` ids)."""
+    ordered = sorted(user_ids)
+    active: set[int] = set()
+    users = get_user_model().objects.filter(is_active=True)
+    for start in range(0, len(ordered), streams.CHUNK):
+        active.update(users.filter(pk__in=ordered[start : start + streams.CHUNK]).values_list("pk", flat=True))
+    return active
 
 
 def _push_inbox_change_on_commit(user, change: dict) -> int:

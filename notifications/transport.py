@@ -104,6 +104,31 @@ async def group_send_many(layer, messages: Messages) -> None:
         await layer.group_send(group, message)
 
 
+async def group_add_many(layer, groups: Sequence[str], channel: str | None) -> None:
+    """``group_add(group, channel)`` for each group: on channels-redis' core layer the same
+    ``ZADD`` and ``EXPIRE``, in one pipeline per Redis host (a burst of handshakes joins many
+    users' streams at once; one call per group held a pooled connection each, and ran out)."""
+    if not isinstance(layer, RedisChannelLayer):
+        for group in groups:
+            await layer.group_add(group, channel)
+        return
+    layer.require_valid_channel_name(channel)
+    by_host: dict[int, list[str]] = collections.defaultdict(list)
+    for group in dict.fromkeys(groups):
+        layer.require_valid_group_name(group)
+        by_host[layer.consistent_hash(group)].append(group)
+
+    async def add(index: int, mine: list[str]) -> None:
+        pipe = layer.connection(index).pipeline(transaction=False)
+        for group in mine:
+            key = layer._group_key(group)
+            pipe.zadd(key, {channel: time.time()})
+            pipe.expire(key, layer.group_expiry)
+        await pipe.execute()
+
+    await asyncio.gather(*(add(index, mine) for index, mine in by_host.items()))
+
+
 # channels-redis 4.3's group_send script: each channel's copy, unless the channel is at capacity.
 GROUP_SEND_LUA = """
     local over_capacity = 0

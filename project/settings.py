@@ -73,6 +73,9 @@ TEMPLATES = [
 WSGI_APPLICATION = None
 ASGI_APPLICATION = "project.asgi.application"
 
+# Connections per process in PostgreSQL's pool: the database threads (DB_THREADS) and the
+# request threads share it; two workers use 40 of PostgreSQL's default 100.
+DEFAULT_POOL_SIZE = 20
 DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several threads (database_sync_to_async) and processes share the file: wait for locks.
@@ -82,16 +85,19 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so a test server in another process sees the test database;
     # one per test run, so parallel runs do not share it.
     DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / f".test-db-{os.getpid()}.sqlite3")}
-elif env.int("DB_POOL_MAX_SIZE", default=0) > 0:
-    # Django's PostgreSQL connection pool (psycopg_pool), per process. Django runs each request's
-    # synchronous part in a thread of its own, and connections are per thread: without a pool every
-    # API request opens a new PostgreSQL connection, and at 100 requests/s the queued ones used up
-    # max_connections (503 for about half of them). With it: none refused, half the CPU per request
-    # (docs/performance.md). Not the default: while the database is down, a request waits up to
-    # the pool's timeout for a connection instead of failing at once. Replaces CONN_MAX_AGE.
+elif env.int("DB_POOL_MAX_SIZE", default=DEFAULT_POOL_SIZE) > 0:
+    # Django's PostgreSQL connection pool (psycopg_pool), per process, on by default. Django runs
+    # each request's synchronous part in a thread of its own, and connections are per thread:
+    # without a pool every API request opened a new PostgreSQL connection, and at 100 requests/s
+    # the queued ones used up max_connections (503 for about half of them). With it: none
+    # refused, half the CPU per request (docs/performance.md). The database threads of
+    # notifications/db.py borrow from the same pool. A request that finds no free connection
+    # within DB_POOL_TIMEOUT seconds (and every request while the database is down) gets 503
+    # with Retry-After. DB_POOL_MAX_SIZE=0 turns it off (CONN_MAX_AGE then applies).
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-        "min_size": 2, "max_size": env.int("DB_POOL_MAX_SIZE", default=0), "timeout": 10}
+        "min_size": 2, "max_size": env.int("DB_POOL_MAX_SIZE", default=DEFAULT_POOL_SIZE),
+        "timeout": env.float("DB_POOL_TIMEOUT", default=3.0)}
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 else:
     DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
@@ -193,6 +199,12 @@ NOTIFICATIONS = {
     # store is read (seconds), and how often the stream head is checked for lost pushes.
     "HUB_GAP_WAIT": env.float("HUB_GAP_WAIT", default=0.2),
     "HUB_SYNC_INTERVAL": env.float("HUB_SYNC_INTERVAL", default=2.0),
+    # Threads per process for the database work of handshakes, resumes and the hub (each with its
+    # own connection): notifications/db.py.
+    "DB_THREADS": env.int("DB_THREADS", default=8),
+    # Database calls waiting for those threads beyond which a handshake is refused at once
+    # (error "overloaded" with retry_after, close 4013).
+    "DB_MAX_BACKLOG": env.int("DB_MAX_BACKLOG", default=256),
     # Seconds a send waits for its push to reach the channel layer; then the push is dropped (stored: hubs read it).
     "PUSH_TIMEOUT": env.float("PUSH_TIMEOUT", default=1.0),
     # Seconds an idempotency key (notification_send(idempotency_key=...), Idempotency-Key header) is kept.

@@ -73,6 +73,17 @@ MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 
 @pytest.fixture(scope="session")
+def django_db_setup(django_db_setup):
+    """pytest-django's test databases; before they are dropped, the connections that the
+    database threads of notifications/db.py hold are closed (PostgreSQL refuses to drop a
+    database that sessions still use)."""
+    from notifications import db
+
+    yield
+    db.shutdown()
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> str:
     return ensure_redis()
 

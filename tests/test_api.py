@@ -1061,6 +1061,7 @@ def test_openapi_schema_lists_every_endpoint(client):
     paths = {path: set(operations) for path, operations in schema["paths"].items()}
     assert paths == {
         "/api/notifications/": {"get", "post"},
+        "/api/notifications/batch/": {"post"},
         "/api/notifications/unread-count/": {"get"},
         "/api/notifications/read-all/": {"post"},
         "/api/notifications/{notification_id}/read/": {"post"},

@@ -232,7 +232,10 @@
     _scheduleReconnect() {
       if (this._stopped) return;
       const bound = Math.min(this.options.maxDelay, this.options.baseDelay * 2 ** this._attempt);
-      const delay = Math.random() * bound; // full jitter
+      let delay = Math.random() * bound; // full jitter
+      // An overloaded or degraded server (close 4013) says how long to stay away: at least that.
+      const hint = this._handshakeError && this._handshakeError.retry_after;
+      if (typeof hint === "number" && hint > 0) delay = Math.max(delay, hint * 1000);
       this._attempt += 1;
       this._setStatus("reconnecting", { attempt: this._attempt, delay: Math.round(delay) });
       clearTimeout(this._retryTimer);
