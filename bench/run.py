@@ -315,6 +315,14 @@ class Bench:
             os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
         return Server(target, argv, env, port, log_path)
 
+    def start_or_skip(self, target: str) -> Server | None:
+        """The target's server, or None (logged) when it does not start: the run goes on without it."""
+        try:
+            return self.start(target)
+        except RuntimeError as exc:
+            log(f"{target}: not measured: {str(exc)[-300:]}")
+            return None
+
     def loadgens(self, count: int) -> list[Worker]:
         return [Worker([PY, str(BENCH / "loadgen.py")], env=self.env(), name=f"loadgen{i}") for i in range(count)]
 
@@ -458,10 +466,8 @@ class Bench:
 
     def broadcast(self, targets, n, rates, duration, label="broadcast"):
         for target in targets:
-            try:
-                server = self.start(target)
-            except RuntimeError as exc:
-                log(f"{target}: not measured: {str(exc)[-300:]}")
+            server = self.start_or_skip(target)
+            if server is None:
                 continue
             gens = self.loadgens(self.args.clients)
             try:
@@ -565,10 +571,8 @@ class Bench:
         timed to its frame. Each target on a fresh server; every inbox empty at the start."""
         self.clear_notifications()
         for target in targets:
-            try:
-                server = self.start(target)
-            except RuntimeError as exc:
-                log(f"{target}: not measured: {str(exc)[-300:]}")
+            server = self.start_or_skip(target)
+            if server is None:
                 continue
             product = target.startswith("product")
             gens = self.loadgens(self.args.clients)

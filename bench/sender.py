@@ -183,20 +183,12 @@ class Sender:
                 self.seq += 1
                 body = json.dumps({"title": "bench", "users": [self.users[self.seq % len(self.users)]],
                                    "data": {"ts": start, "seq": self.seq}}).encode()
-                try:
-                    status, _, keep = await self.request(conn, "POST", "/api/notifications/", body)
-                except Exception as exc:  # the connection broke: count it, open another
-                    key = f"{type(exc).__name__}: {str(exc)[:60]}"
-                    errors[key] = errors.get(key, 0) + 1
-                    conn[1].close()
-                    conn = await self.connection()
+                conn, status, _ = await self.post_on(conn, "/api/notifications/", body, errors)
+                if status is None:
                     continue
                 calls.append(time.time() - start)
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
                 ok += 200 <= status < 300
-                if not keep:
-                    conn[1].close()
-                    conn = await self.connection()
             conn[1].close()
 
         await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(len(conns)))),
@@ -205,6 +197,22 @@ class Sender:
         return {"ok": ok, "statuses": statuses, "errors": errors, "t0": t0, "span": span,
                 "call_p50": percentile(calls, 0.5), "call_p99": percentile(calls, 0.99),
                 "call_max": max(calls, default=None)}
+
+    async def post_on(self, conn, path: str, body: bytes, errors: dict[str, int]):
+        """POST on a keep-alive connection: ``(connection to use next, status, response body)``.
+        A broken connection is counted in ``errors`` and replaced (status None); one the server
+        will close after this response is replaced too."""
+        try:
+            status, response, keep = await self.request(conn, "POST", path, body)
+        except Exception as exc:  # the connection broke: count it, open another
+            key = f"{type(exc).__name__}: {str(exc)[:60]}"
+            errors[key] = errors.get(key, 0) + 1
+            conn[1].close()
+            return await self.connection(), None, b""
+        if not keep:
+            conn[1].close()
+            conn = await self.connection()
+        return conn, status, response
 
     async def batch(self, cmd: dict) -> dict:
         """``clients`` clients, each POSTing ``batches`` batches of ``size`` personal items."""
@@ -231,22 +239,14 @@ class Sender:
                 body = json.dumps({"items": [
                     {"title": "bench", "users": [user_ids[i % len(user_ids)]], "data": {"ts": start, "seq": i}}
                     for i in range(first, first + size)]}).encode()
-                try:
-                    status, response, keep = await self.request(conn, "POST", "/api/notifications/batch/", body)
-                except Exception as exc:
-                    key = f"{type(exc).__name__}: {str(exc)[:60]}"
-                    errors[key] = errors.get(key, 0) + 1
-                    conn[1].close()
-                    conn = await self.connection()
+                conn, status, response = await self.post_on(conn, "/api/notifications/batch/", body, errors)
+                if status is None:
                     continue
                 calls.append(time.time() - start)
                 http[str(status)] = http.get(str(status), 0) + 1
                 if status == 200:
                     for result in json.loads(response)["results"]:
                         items[str(result["status"])] = items.get(str(result["status"]), 0) + 1
-                if not keep:
-                    conn[1].close()
-                    conn = await self.connection()
             conn[1].close()
 
         await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(len(conns)))), cmd.get("timeout", 120))

@@ -49,6 +49,7 @@ VARIANTS = ("transport", "async_to_sync")
 USERS = 100
 sys.path.insert(0, str(BASE_DIR))
 
+from bench.batch import setup_database  # noqa: E402
 from bench.sender import percentile  # noqa: E402
 
 
@@ -158,19 +159,10 @@ class Bench:
         return env
 
     def setup(self) -> None:
-        import psycopg
 
         from tests.faults.scenarios import RedisServer
 
-        name = self.db_url.rsplit("/", 1)[1]
-        admin_url = self.db_url.rsplit("/", 1)[0] + "/postgres"
-        try:
-            psycopg.connect(admin_url, connect_timeout=2).close()
-        except Exception as exc:
-            sys.exit(f"bench: PostgreSQL ({admin_url}) must be running: {type(exc).__name__}: {exc}")
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-                conn.execute(f'CREATE DATABASE "{name}"')
+        setup_database(self.db_url)
         self._redis = RedisServer(self.run_dir / "redis.log").start()
         env = self.env()
         subprocess.run([PY, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=BASE_DIR, env=env, check=True)

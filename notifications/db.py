@@ -2,7 +2,7 @@
 
 Channels' ``database_sync_to_async`` runs every call of a process in one thread (it is thread
 sensitive), so under a burst of handshakes each waited for every query before it. Here the
-calls run in ``DB_THREADS`` threads (``settings.NOTIFICATIONS``, default 8), each with its own
+calls run in ``DB_THREADS`` threads (``settings.NOTIFICATIONS``, default 2), each with its own
 database connection, kept like any thread's (``CONN_MAX_AGE``, or Django's pool when
 configured): at most ``DB_THREADS`` connections per process. Each call is closed off as
 Channels' is (``close_old_connections`` before and after), and a call is one unit of work: a
@@ -23,9 +23,10 @@ from channels.db import DatabaseSyncToAsync
 from django.conf import settings
 from django.db import connections
 
-DEFAULT_THREADS = 8
-# Calls waiting for a thread beyond which handshakes are refused (about a second of work here).
-DEFAULT_MAX_BACKLOG = 256
+DEFAULT_THREADS = 2
+# Calls waiting for a thread beyond which handshakes are refused: a handshake has at most one call
+# waiting, so this is about as many handshakes at once (on this 2-core machine a few seconds of work).
+DEFAULT_MAX_BACKLOG = 1000
 
 _executor: ThreadPoolExecutor | None = None
 _pid = 0

@@ -116,6 +116,8 @@ class RedisPresence(BasePresence):
         self.ttl = ttl or settings.NOTIFICATIONS["PRESENCE_TTL"]
         self._clients: dict[asyncio.AbstractEventLoop, list] = {}
         self._heartbeats: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+        self._batches: dict[tuple[asyncio.AbstractEventLoop, int], list] = {}  # writes waiting for _flush
+        self._flushing: set[asyncio.Task] = set()
 
     @property
     def alive_key(self) -> str:
@@ -127,10 +129,6 @@ class RedisPresence(BasePresence):
     @property
     def shards(self) -> int:
         return len(self.masters) if self.sentinels else len(self.urls)
-
-    def _client(self, connection_id: str):
-        """This event loop's client of the shard that holds ``connection_id``."""
-        return self._loop_clients()[shard_index(connection_id, self.shards)]
 
     def _loop_clients(self) -> list:
         import redis.asyncio
@@ -156,11 +154,47 @@ class RedisPresence(BasePresence):
         return module.Redis.from_url(self.urls[shard], **redis_retry_once(asyncio_client=False))
 
     async def _write(self, connection: Connection) -> None:
-        client = self._client(connection.id)
-        async with client.pipeline(transaction=False) as pipe:
+        def queue(pipe) -> None:
             pipe.set(self.conn_key(connection.id), connection.to_json(), ex=int(self.ttl * 2))
             pipe.zadd(self.alive_key, {connection.id: time.time()})
-            await pipe.execute()
+
+        await self._pipelined(connection.id, queue)
+
+    async def _pipelined(self, connection_id: str, queue) -> None:
+        """Run the commands ``queue(pipe)`` adds, on the shard of ``connection_id``, together with
+        every other write queued for that shard in this event-loop tick: one pipeline, one pooled
+        connection. A deploy drops and reconnects every socket at once; one pipeline each waited
+        for a connection of the pool, and past its timeout failed ("No connection available")."""
+        loop = asyncio.get_running_loop()
+        key = (loop, shard_index(connection_id, self.shards))
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = []
+            task = loop.create_task(self._flush(key))
+            self._flushing.add(task)  # held until done (the loop keeps only a weak reference)
+            task.add_done_callback(self._flushing.discard)
+        done = loop.create_future()
+        batch.append((queue, done))
+        await done
+
+    async def _flush(self, key) -> None:
+        await asyncio.sleep(0)  # the writes of this tick join the batch
+        batch = self._batches.pop(key)
+        try:
+            async with self._loop_clients()[key[1]].pipeline(transaction=False) as pipe:
+                for queue, _ in batch:
+                    queue(pipe)
+                await pipe.execute()
+        except Exception as exc:
+            outcome: Exception | None = exc
+        else:
+            outcome = None
+        for _, done in batch:
+            if not done.done():  # a caller that was cancelled meanwhile
+                if outcome is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(outcome)
 
     async def add(self, connection: Connection) -> None:
         await super().add(connection)
@@ -179,12 +213,12 @@ class RedisPresence(BasePresence):
 
     async def remove(self, connection_id: str) -> None:
         await super().remove(connection_id)
+        def queue(pipe) -> None:
+            pipe.delete(self.conn_key(connection_id))
+            pipe.zrem(self.alive_key, connection_id)
+
         try:
-            client = self._client(connection_id)
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.delete(self.conn_key(connection_id))
-                pipe.zrem(self.alive_key, connection_id)
-                await pipe.execute()
+            await self._pipelined(connection_id, queue)
         except Exception as exc:
             logger.warning("presence remove failed: %s: %s", type(exc).__name__, exc)
 

@@ -201,10 +201,10 @@ NOTIFICATIONS = {
     "HUB_SYNC_INTERVAL": env.float("HUB_SYNC_INTERVAL", default=2.0),
     # Threads per process for the database work of handshakes, resumes and the hub (each with its
     # own connection): notifications/db.py.
-    "DB_THREADS": env.int("DB_THREADS", default=8),
+    "DB_THREADS": env.int("DB_THREADS", default=2),
     # Database calls waiting for those threads beyond which a handshake is refused at once
     # (error "overloaded" with retry_after, close 4013).
-    "DB_MAX_BACKLOG": env.int("DB_MAX_BACKLOG", default=256),
+    "DB_MAX_BACKLOG": env.int("DB_MAX_BACKLOG", default=1000),
     # Seconds a send waits for its push to reach the channel layer; then the push is dropped (stored: hubs read it).
     "PUSH_TIMEOUT": env.float("PUSH_TIMEOUT", default=1.0),
     # Seconds an idempotency key (notification_send(idempotency_key=...), Idempotency-Key header) is kept.

@@ -157,3 +157,28 @@ async def test_every_shard_down_is_an_error(shards, prefix, second_redis):
     await asyncio.to_thread(second_redis.stop)
     with pytest.raises(redis.ConnectionError):
         await asyncio.to_thread(presence.online)  # one shard: as before, the caller sees the error
+
+
+async def test_a_burst_of_adds_and_removes_goes_out_in_one_pipeline_per_shard(shards, prefix, monkeypatch):
+    """A deploy drops and reconnects every socket at once: the presence writes of one event-loop
+    tick share a pipeline per shard (each used to take a pooled connection of its own, and under
+    a storm waited past the pool's timeout: "No connection available")."""
+    presence = RedisPresence(url=shards, prefix=prefix, ttl=30)
+    clients = presence._loop_clients()
+    pipelines = []
+    for client in clients:
+        real = client.pipeline
+
+        def counting(*args, _real=real, **kwargs):
+            pipelines.append(1)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(client, "pipeline", counting)
+    ids = [f"burst-{i}" for i in range(400)]
+    start = time.time()
+    await asyncio.gather(*(presence.add(connection(cid, start + i)) for i, cid in enumerate(ids)))
+    assert len(pipelines) == 2  # one per shard, not 400
+    assert sorted(await online(presence)) == sorted(ids)
+    await asyncio.gather(*(presence.remove(cid) for cid in ids))
+    assert len(pipelines) == 4
+    assert await online(presence) == [] and keys_on(shards[0], prefix) == keys_on(shards[1], prefix) == set()
