@@ -96,7 +96,10 @@ class Hub:
         if self.channel is not None:
             joined = [s for s in self.sequencer.streams if s not in self.leaving]
             joined += [self.markers[index] for index in self.marked]
-            await asyncio.gather(*(self.layer.group_discard(s, self.channel) for s in joined), return_exceptions=True)
+            try:
+                await transport.group_discard_many(self.layer, joined, self.channel)
+            except Exception as exc:  # shutting down: they expire after group_expiry anyway
+                logger.warning("hub could not leave its groups: %s: %s", type(exc).__name__, exc)
 
     # Local sockets
 
@@ -221,20 +224,26 @@ class Hub:
         await transport.group_add_many(self.layer, groups, self.channel)
 
     def _leave_idle(self) -> None:
+        """Leave, together (one pipeline per Redis host), every stream idle for ``LEAVE_AFTER``."""
         deadline = time.monotonic() - LEAVE_AFTER
-        for stream, since in list(self.idle_since.items()):
-            if since <= deadline and not self.registry.readers(stream) and stream not in self.joining:
-                del self.idle_since[stream]
-                self.sequencer.close(stream)
-                self.leaving[stream] = asyncio.get_running_loop().create_task(self._discard(stream))
+        idle = [stream for stream, since in self.idle_since.items()
+                if since <= deadline and not self.registry.readers(stream) and stream not in self.joining]
+        if not idle:
+            return
+        task = asyncio.get_running_loop().create_task(self._discard(idle))
+        for stream in idle:
+            del self.idle_since[stream]
+            self.sequencer.close(stream)
+            self.leaving[stream] = task
 
-    async def _discard(self, stream: str) -> None:
+    async def _discard(self, idle: list[str]) -> None:
         try:
-            await self.layer.group_discard(stream, self.channel)
-        except Exception as exc:  # it expires after group_expiry anyway
+            await transport.group_discard_many(self.layer, idle, self.channel)
+        except Exception as exc:  # they expire after group_expiry anyway
             failures.failure("hub could not leave a group", exc)
         finally:
-            self.leaving.pop(stream, None)
+            for stream in idle:
+                self.leaving.pop(stream, None)
 
     async def _renew(self) -> None:
         """Add this channel to every joined group again, long before channels-redis forgets it

@@ -108,9 +108,18 @@ async def group_add_many(layer, groups: Sequence[str], channel: str | None) -> N
     """``group_add(group, channel)`` for each group: on channels-redis' core layer the same
     ``ZADD`` and ``EXPIRE``, in one pipeline per Redis host (a burst of handshakes joins many
     users' streams at once; one call per group held a pooled connection each, and ran out)."""
+    await _membership_many(layer, groups, channel, join=True)
+
+
+async def group_discard_many(layer, groups: Sequence[str], channel: str | None) -> None:
+    """``group_discard(group, channel)`` for each group (the same ``ZREM``), likewise."""
+    await _membership_many(layer, groups, channel, join=False)
+
+
+async def _membership_many(layer, groups: Sequence[str], channel: str | None, *, join: bool) -> None:
     if not isinstance(layer, RedisChannelLayer):
         for group in groups:
-            await layer.group_add(group, channel)
+            await (layer.group_add if join else layer.group_discard)(group, channel)
         return
     layer.require_valid_channel_name(channel)
     by_host: dict[int, list[str]] = collections.defaultdict(list)
@@ -118,15 +127,18 @@ async def group_add_many(layer, groups: Sequence[str], channel: str | None) -> N
         layer.require_valid_group_name(group)
         by_host[layer.consistent_hash(group)].append(group)
 
-    async def add(index: int, mine: list[str]) -> None:
+    async def change(index: int, mine: list[str]) -> None:
         pipe = layer.connection(index).pipeline(transaction=False)
         for group in mine:
             key = layer._group_key(group)
-            pipe.zadd(key, {channel: time.time()})
-            pipe.expire(key, layer.group_expiry)
+            if join:
+                pipe.zadd(key, {channel: time.time()})
+                pipe.expire(key, layer.group_expiry)
+            else:
+                pipe.zrem(key, channel)
         await pipe.execute()
 
-    await asyncio.gather(*(add(index, mine) for index, mine in by_host.items()))
+    await asyncio.gather(*(change(index, mine) for index, mine in by_host.items()))
 
 
 # channels-redis 4.3's group_send script: each channel's copy, unless the channel is at capacity.

@@ -336,3 +336,42 @@ async def test_a_batch_reaches_each_member_as_group_send_would_in_order(redis_ur
     for layer in (sender, receiver, small):
         await layer.flush()
         await layer.close_pools()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("hosts", [1, 2])
+async def test_joining_and_leaving_many_groups_at_once(redis_url, second_redis, hosts):
+    """``group_add_many``/``group_discard_many``: channels-redis' own ZADD+EXPIRE and ZREM for each
+    group, one pipeline per host: a message to any of them arrives after the join, none after the
+    leave; the membership expires as ``group_add``'s does."""
+    urls = ",".join([redis_url, second_redis.url][:hosts])
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    layer = build_layer(urls, prefix)
+    channel = await layer.new_channel()
+    groups = [f"u.{i}" for i in range(300)]
+    await transport.group_add_many(layer, groups, channel)
+    for index in range(hosts):
+        client = layer.connection(index)
+        mine = [g for g in groups if layer.consistent_hash(g) == index]
+        assert mine
+        assert all([await client.zscore(layer._group_key(g), channel) is not None for g in mine])
+        assert 0 < await client.ttl(layer._group_key(mine[0])) <= layer.group_expiry
+    await transport.group_send_many(layer, [("u.7", {"type": "t", "n": 1}), ("u.250", {"type": "t", "n": 2})])
+    assert [m["n"] for m in await receive_all(layer, channel, 2)] == [1, 2]
+    await transport.group_discard_many(layer, groups, channel)
+    await transport.group_send_many(layer, [("u.7", {"type": "t", "n": 3})])
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive(channel), 0.3)
+    await layer.flush()
+    await layer.close_pools()
+
+
+async def test_joining_and_leaving_many_groups_on_the_in_memory_layer(settings):
+    settings.CHANNEL_LAYERS = MEMORY_LAYER
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    await transport.group_add_many(layer, ["a", "b"], channel)
+    await layer.group_send("b", {"type": "t"})
+    assert await asyncio.wait_for(layer.receive(channel), 1) == {"type": "t"}
+    await transport.group_discard_many(layer, ["a", "b"], channel)
+    assert layer.groups == {} or all(channel not in members for members in layer.groups.values())
