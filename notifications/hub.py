@@ -242,8 +242,10 @@ class Hub:
         except Exception as exc:  # they expire after group_expiry anyway
             failures.failure("hub could not leave a group", exc)
         finally:
+            me = asyncio.current_task()
             for stream in idle:
-                self.leaving.pop(stream, None)
+                if self.leaving.get(stream) is me:  # (not a later leave of the same stream)
+                    del self.leaving[stream]
 
     async def _renew(self) -> None:
         """Add this channel to every joined group again, long before channels-redis forgets it
