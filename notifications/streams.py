@@ -55,21 +55,7 @@ def reserve(keys: Iterable[str]) -> dict[str, int]:
 
     The rows stay locked until the transaction ends; they are locked in key order, so two
     sends to overlapping sets of users cannot deadlock."""
-    table = connection.ops.quote_name(Stream._meta.db_table)
-    offsets: dict[str, int] = {}
-    ordered = sorted(set(keys))
-    for start in range(0, len(ordered), CHUNK):
-        chunk = ordered[start : start + CHUNK]
-        values = ", ".join(["(%s, 1)"] * len(chunk))
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"INSERT INTO {table} ({connection.ops.quote_name('key')}, head) VALUES {values} "  # noqa: S608 - only the quoted table name and placeholders are interpolated
-                f"ON CONFLICT ({connection.ops.quote_name('key')}) DO UPDATE SET head = {table}.head + 1 "
-                f"RETURNING {connection.ops.quote_name('key')}, head",
-                chunk,
-            )
-            offsets.update(cursor.fetchall())
-    return offsets
+    return reserve_counts(dict.fromkeys(keys, 1))
 
 
 def reserve_counts(counts: Mapping[str, int]) -> dict[str, int]:

@@ -15,7 +15,7 @@ loop in this thread), it schedules the batch and returns at once. Batches leave 
 time, in the order they were handed over. At interpreter exit, pushes still in flight get up
 to ``PUSH_TIMEOUT`` to finish.
 
-Batches handed over while one is in flight leave together, as one batch (``_Drain``), and on
+Batches handed over while one is in flight leave together, as one batch (``BackgroundLoop._drain``), and on
 channels-redis' core layer a batch costs two pipelined round trips per Redis host, whatever
 its size (``group_send_many``), where ``group_send`` takes four per message: under load the
 work per push falls as the pushes queue (docs/performance.md, "Sends from Django code").
@@ -116,16 +116,23 @@ async def group_discard_many(layer, groups: Sequence[str], channel: str | None) 
     await _membership_many(layer, groups, channel, join=False)
 
 
+def _groups_by_host(layer: RedisChannelLayer, groups: Sequence[str]) -> dict[int, list[str]]:
+    """Each group once, under the index of the Redis host that holds it (channels-redis'
+    ``consistent_hash``); a bad name raises ``TypeError``, as ``group_add``/``group_send`` do."""
+    by_host: dict[int, list[str]] = collections.defaultdict(list)
+    for group in dict.fromkeys(groups):
+        layer.require_valid_group_name(group)
+        by_host[layer.consistent_hash(group)].append(group)
+    return by_host
+
+
 async def _membership_many(layer, groups: Sequence[str], channel: str | None, *, join: bool) -> None:
     if not isinstance(layer, RedisChannelLayer):
         for group in groups:
             await (layer.group_add if join else layer.group_discard)(group, channel)
         return
     layer.require_valid_channel_name(channel)
-    by_host: dict[int, list[str]] = collections.defaultdict(list)
-    for group in dict.fromkeys(groups):
-        layer.require_valid_group_name(group)
-        by_host[layer.consistent_hash(group)].append(group)
+    by_host = _groups_by_host(layer, groups)
 
     async def change(index: int, mine: list[str]) -> None:
         pipe = layer.connection(index).pipeline(transaction=False)
@@ -163,10 +170,7 @@ async def _redis_group_send_many(layer: RedisChannelLayer, messages: Messages) -
     members of every group read in one pipeline per group host, and every copy written in one
     pipeline per channel host (in order, so a group's messages keep their order)."""
     now = time.time()
-    groups_by_host: dict[int, list[str]] = collections.defaultdict(list)
-    for group in dict.fromkeys(group for group, _ in messages):
-        layer.require_valid_group_name(group)  # raises TypeError for a bad name, as group_send does
-        groups_by_host[layer.consistent_hash(group)].append(group)
+    groups_by_host = _groups_by_host(layer, [group for group, _ in messages])
     members: dict[str, list[str]] = {}
 
     async def read_members(index: int, groups: list[str]) -> None:
