@@ -26,7 +26,15 @@ from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJs
 from pydantic import ValidationError as PydanticValidationError
 
 from . import selectors, services, throttle
-from .auth import TOO_MANY_FAILURES, AuthFailure, bearer_from_header, counted, ticket_issue, token_authenticate
+from .auth import (
+    TOO_MANY_FAILURES,
+    AuthFailure,
+    bearer_from_header,
+    counted,
+    may_send,
+    ticket_issue,
+    token_authenticate,
+)
 from .http import API_PREFIX, error_body
 from .models import Notification, Topic
 from .net import request_client_ip
@@ -431,7 +439,7 @@ def _resolve_audience_users(values: list[int | str]) -> list:
 
 
 def _require_sender(user) -> None:
-    if not (user.is_staff and user.has_perm("notifications.add_notification")):
+    if not may_send(user):
         raise ApiError(403, "forbidden", "Only staff with the 'add notification' permission may send.")
 
 

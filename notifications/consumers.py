@@ -95,7 +95,9 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             return
         user = self.scope["user"]
         try:
-            topics = await self._followed_topics(user)
+            topics = self.scope.get("auth_followed")
+            if topics is None:  # (a Bearer token's handshake read them with the token)
+                topics = await self._followed_topics(user)
         except (OperationalError, InterfaceError) as exc:
             await self._refuse_unavailable("database", exc)
             return

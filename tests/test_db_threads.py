@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from notifications import db, selectors
+from notifications import auth, db
 
 from .conftest import WS_PATH, bearer
 
@@ -14,19 +14,19 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
 async def test_two_handshakes_do_their_database_work_at_the_same_time(ws, alice_token, bob_token, monkeypatch):
-    """Each handshake reads the user's topics; with one database thread per process (Channels'
-    default) the second read would start only after the first returned, and this barrier for
-    two would never open."""
+    """Each handshake reads its token, user and topics; with one database thread per process
+    (Channels' default) the second read would start only after the first returned, and this
+    barrier for two would never open."""
     barrier = threading.Barrier(2, timeout=5)
-    real = selectors.followed_topics
+    real = auth._token_row
     threads = set()
 
-    def followed_topics_together(user):
+    def token_rows_together(prefix, with_topics):
         threads.add(threading.current_thread().name)
         barrier.wait()  # raises BrokenBarrierError (a failed handshake) unless both are here at once
-        return real(user)
+        return real(prefix, with_topics)
 
-    monkeypatch.setattr(selectors, "followed_topics", followed_topics_together)
+    monkeypatch.setattr(auth, "_token_row", token_rows_together)
     (_, alice_hello), (_, bob_hello) = await asyncio.gather(ws(alice_token), ws(bob_token))
     assert (alice_hello["type"], bob_hello["type"]) == ("hello", "hello")
     assert len(threads) == 2 and all(name.startswith("notifications-db") for name in threads)
@@ -50,12 +50,10 @@ async def test_a_handshake_while_the_database_threads_are_far_behind_is_told_to_
 async def test_a_database_outage_at_the_handshake_gives_a_retry_hint_too(ws, alice_token, monkeypatch):
     from django.db import OperationalError
 
-    from notifications import auth
-
-    def down(raw):
+    def down(raw, **kwargs):
         raise OperationalError("connection refused")
 
-    monkeypatch.setattr(auth, "token_lookup", down)
+    monkeypatch.setattr(auth, "token_and_topics", down)
     from channels.testing import WebsocketCommunicator
 
     from project.asgi import application
