@@ -274,14 +274,14 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         """Apply a per-user event; frames go through the outbox, in order with notifications."""
         op = event.get("op")
         if op == "frame":
-            outbox.put(event["frame"])
+            outbox.put_live(event["frame"])  # (before hello, it waits: hello is always the first frame)
         elif op == "follow":
             asyncio.get_running_loop().create_task(self._followed_elsewhere(outbox, event["topic_id"], event["topic"]))
         elif op == "unfollow":
             topic_id, slug = event["topic_id"], event["topic"]
             if self.hub.unfollow(outbox, topic_id) and slug not in self.own_topic_requests:
-                outbox.put(protocol.encode({"type": "unsubscribed", **self._topic_fields(topic_id, slug)}))
-                outbox.put(self._update_presence)
+                outbox.put_live(protocol.encode({"type": "unsubscribed", **self._topic_fields(topic_id, slug)}))
+                outbox.put_live(self._update_presence)
         elif op == "close":
             if event.get("token_id") is not None and event["token_id"] != self.scope.get("auth_token_id"):
                 return
@@ -300,8 +300,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             store_failures.failure("cannot route a followed topic to a connection", exc)
             return
         if routed and slug not in self.own_topic_requests:
-            outbox.put(protocol.encode({"type": "subscribed", **self._topic_fields(topic_id, slug, offset=True)}))
-            outbox.put(self._update_presence)
+            outbox.put_live(protocol.encode({"type": "subscribed", **self._topic_fields(topic_id, slug, offset=True)}))
+            outbox.put_live(self._update_presence)
 
     def stream_topic_event(self, outbox: Outbox, event: dict) -> None:
         """A topic routed to this socket was renamed (the socket follows it under its new slug: its
@@ -311,14 +311,14 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         old_slug = outbox.topics.get(topic_id)
         if old_slug is None:
             return
-        outbox.put(protocol.encode({"type": "unsubscribed", **self._topic_fields(topic_id, old_slug)}))
+        outbox.put_live(protocol.encode({"type": "unsubscribed", **self._topic_fields(topic_id, old_slug)}))
         if op == "renamed":
             outbox.topics[topic_id] = event["topic"]
-            outbox.put(protocol.encode({"type": "subscribed", **self._topic_fields(topic_id, event["topic"],
+            outbox.put_live(protocol.encode({"type": "subscribed", **self._topic_fields(topic_id, event["topic"],
                                                                                    offset=True)}))
         else:
             self.hub.unfollow(outbox, topic_id)
-        outbox.put(self._update_presence)
+        outbox.put_live(self._update_presence)
 
     def close_replaced(self) -> None:
         """This is the user's oldest connection and a new one went over the limit: close this one (4005)."""

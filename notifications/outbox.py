@@ -32,7 +32,7 @@ class Outbox:
         self.topics: dict[int, str] = dict(topics)
         self.max_frames = max_frames
         self.holding = False
-        self.held: list[str] = []
+        self.held: list = []  # frames, and coroutine functions to run in order with them
         self.skip: dict[str, int] | None = None
         self.queue: deque = deque()
         self.closed = False
@@ -54,6 +54,16 @@ class Outbox:
                 self.overflow()
             return
         self.put(frame)
+
+    def put_live(self, item) -> None:
+        """Queue a live frame that is not a notification (``unread_count``, ``unsubscribed``...), or a
+        coroutine function: held with the notifications until hello (or the replay) went out."""
+        if self.holding:
+            self.held.append(item)
+            if len(self.held) > self.max_frames:
+                self.overflow()
+            return
+        self.put(item)
 
     def put(self, item) -> None:
         """Queue a frame (str) or a coroutine function to run in order with the frames.

@@ -477,3 +477,30 @@ async def test_configured_origin_allow_list_admits_other_origins(layer, ws, alic
 async def test_bearer_needs_no_origin_and_ignores_a_foreign_one(layer, ws, alice_token):
     _, hello = await ws(alice_token, headers=[(b"origin", b"https://evil.example")])
     assert hello["user"]["username"] == "alice"
+
+
+@pytest.mark.parametrize("event", ["unread_count", "unsubscribed"])
+async def test_hello_is_the_first_frame_even_when_a_user_event_arrives_during_the_handshake(
+        ws, alice, alice_token, monkeypatch, event):
+    """A mark_read elsewhere (its unread_count) or an unfollow can reach a socket between its
+    registration with the hub and its hello: the frame waits for hello, as live notifications do
+    (found by a resume test that failed once under load)."""
+    from notifications.hub import Hub
+
+    topic = await sync_to_async(Topic.objects.create)(slug="ops", title="Ops")
+    await sync_to_async(services.topic_follow)(user=alice, topic=topic)
+    real = Hub.register
+
+    async def register_then_event(self, outbox):
+        positions = await real(self, outbox)
+        if event == "unread_count":
+            outbox.consumer.stream_user_event(outbox, {"op": "frame", "frame": json.dumps(
+                {"type": "unread_count", "count": 7})})
+        else:
+            outbox.consumer.stream_user_event(outbox, {"op": "unfollow", "topic_id": topic.pk, "topic": "ops"})
+        return positions
+
+    monkeypatch.setattr(Hub, "register", register_then_event)
+    comm, hello = await ws(alice_token)  # (asserts the first frame is hello)
+    after = await comm.receive_json_from(timeout=5)
+    assert after["type"] == event and after.get("count", 7) == 7
