@@ -1,9 +1,21 @@
 """Admin pages. Every send goes through ``services.notification_send`` (no second code path).
 
 Besides the model pages: "Send notification" (a form with a frame preview) and
-"Who is online" (presence across all server processes), linked from the
-notification list; actions to resend notifications and, on users, to notify or
-disconnect them.
+"Who is online" (presence across all server processes), linked from the admin index, the
+app's index and the notification list; an action to resend notifications; and, only when
+``NOTIFICATIONS["USER_ADMIN_ACTIONS"]`` is true, actions on the host's User admin to notify
+or disconnect users.
+
+How the two pages reach the admin index: the least invasive of Django's documented ways,
+template overrides only, both including ``notifications/admin/index_links.html``.
+``admin/notifications/app_index.html``, which the admin looks up by app label, puts them in the
+right-hand column of /admin/notifications/. The admin has no per-app template for /admin/, so
+``admin/index.html`` extends the admin's own and replaces only its content block (the app list)
+with the same list followed by the links; it is found when "notifications" comes before
+"django.contrib.admin" in INSTALLED_APPS, else /admin/ stays Django's. Not a custom
+``AdminSite`` or ``get_app_list`` (the host's site is the host's), not ``index_template`` (one
+per site, and the host may have set it), not proxy models (a table, permissions and content
+types for two links).
 """
 
 import json
@@ -49,7 +61,9 @@ class SendForm(forms.Form):
     users = forms.ModelMultipleChoiceField(
         queryset=User.objects.filter(is_active=True),
         required=False,
+        # Select2 searching the User admin's search_fields; no Ctrl/Cmd: each pick is added.
         widget=AutocompleteSelectMultiple(Notification._meta.get_field("recipient"), admin.site),
+        help_text="Start typing a username (or a name or email address) and pick a user; pick again to add more.",
     )
     topic = forms.ModelChoiceField(queryset=Topic.objects.all(), required=False, to_field_name="slug")
 
@@ -224,7 +238,7 @@ class NotificationAdmin(admin.ModelAdmin):
             "media": self.media + form.media,
             "preview": preview,
         }
-        return TemplateResponse(request, "admin/notifications/send.html", context)
+        return TemplateResponse(request, "notifications/admin/send.html", context)
 
     def online_view(self, request):
         if not self.has_view_permission(request):
@@ -246,7 +260,7 @@ class NotificationAdmin(admin.ModelAdmin):
             "now": now,
             "presence_ttl": settings.NOTIFICATIONS["PRESENCE_TTL"],
         }
-        return TemplateResponse(request, "admin/notifications/online.html", context)
+        return TemplateResponse(request, "notifications/admin/online.html", context)
 
 
 @admin.register(Topic)
@@ -294,7 +308,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
         signed but readable cookie), not after a redirect, and not cacheable."""
         context = {**self.admin_site.each_context(request), "title": "API token created", "opts": self.opts,
                    "token": obj, "raw": request._raw_token}
-        response = TemplateResponse(request, "admin/notifications/token_created.html", context)
+        response = TemplateResponse(request, "notifications/admin/token_created.html", context)
         add_never_cache_headers(response)
         return response
 
@@ -306,18 +320,16 @@ class ApiTokenAdmin(admin.ModelAdmin):
         self.message_user(request, f"Revoked {len(tokens)} token(s).")
 
 
-# The User admin gains two actions; the rest stays Django's.
-admin.site.unregister(User)
+def user_admin_actions_enabled() -> bool:
+    """Whether the host asked for the two actions on its User admin (NOTIFICATIONS["USER_ADMIN_ACTIONS"])."""
+    return bool(getattr(settings, "NOTIFICATIONS", {}).get("USER_ADMIN_ACTIONS", False))
 
 
-@admin.register(User)
 class NotifyingUserAdmin(UserAdmin):
-    actions = [*(UserAdmin.actions or []), "send_notification", "disconnect"]  # type: ignore[misc]
+    """Django's User admin with two actions (deactivation closes live connections with any User admin:
+    ``notifications.signals``)."""
 
-    def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        if change and "is_active" in form.changed_data and not obj.is_active:
-            services.user_deactivated(user=obj)
+    actions = [*(UserAdmin.actions or []), "send_notification", "disconnect"]  # type: ignore[misc]
 
     def has_send_notification_permission(self, request):
         return request.user.has_perm("notifications.add_notification")
@@ -334,3 +346,15 @@ class NotifyingUserAdmin(UserAdmin):
         ids = list(queryset.values_list("pk", flat=True))
         services.users_disconnect(user_ids=ids)
         self.message_user(request, f"Disconnected every live connection of {len(ids)} user(s).")
+
+
+def register_user_admin(site: admin.AdminSite = admin.site) -> None:
+    """Replace the User admin with NotifyingUserAdmin when USER_ADMIN_ACTIONS is true; else leave it alone."""
+    if not user_admin_actions_enabled():
+        return
+    if site.is_registered(User):
+        site.unregister(User)
+    site.register(User, NotifyingUserAdmin)
+
+
+register_user_admin()

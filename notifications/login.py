@@ -55,4 +55,8 @@ def throttle_login(view):
 
 @method_decorator(throttle_login, name="dispatch")
 class ThrottledLoginView(auth_views.LoginView):
-    pass
+    """Django's LoginView, throttled, on the app's own sign-in page: the template is the app's
+    (``notifications/login.html``), not ``registration/login.html``, which would shadow the host's.
+    A host with its own page passes ``template_name`` to ``as_view()``."""
+
+    template_name = "notifications/login.html"

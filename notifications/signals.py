@@ -10,7 +10,8 @@ change and hand it to the service that decides (``services``); no decision is ma
   (by then the admin has saved the new member list too);
 - a user's password changed, or a session logged out: ``services.user_sessions_changed`` closes
   the user's session-authenticated sockets (4010: reconnect; a session that is no longer valid is
-  then refused with 4001).
+  then refused with 4001);
+- a user deactivated: ``services.user_deactivated`` closes every socket of the user (4003).
 """
 
 from django.conf import settings
@@ -58,13 +59,26 @@ def _topic_deleted(sender, instance: Topic, **kwargs):
     services.topic_deleted(topic_id=instance.pk, slug=instance.slug)
 
 
-@receiver(pre_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="notifications.password_changed")
-def _password_changed(sender, instance, raw=False, update_fields=None, **kwargs):
-    if raw or instance.pk is None or (update_fields is not None and "password" not in update_fields):
+@receiver(pre_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="notifications.user_before_save")
+def _user_before_save(sender, instance, raw=False, update_fields=None, **kwargs):
+    instance._was_active = None
+    if raw or instance.pk is None or (update_fields is not None and not {"password", "is_active"} & set(update_fields)):
         return
-    stored = sender._default_manager.filter(pk=instance.pk).values_list("password", flat=True).first()
-    if stored is not None and stored != instance.password:
+    stored = sender._default_manager.filter(pk=instance.pk).values_list("password", "is_active").first()
+    if stored is None:
+        return
+    password, instance._was_active = stored
+    if (update_fields is None or "password" in update_fields) and password != instance.password:
         services.user_sessions_changed(user_id=instance.pk, reason="password changed")
+
+
+@receiver(post_save, sender=settings.AUTH_USER_MODEL, dispatch_uid="notifications.user_saved")
+def _user_saved(sender, instance, created=False, raw=False, **kwargs):
+    """Deactivated anywhere (the admin, a shell, the host's own views): every live connection of
+    the user closes after commit (``services.user_deactivated``). ``QuerySet.update`` sends no
+    signal: call ``services.user_deactivated`` after one (docs/security.md)."""
+    if not raw and not created and getattr(instance, "_was_active", None) and not instance.is_active:
+        services.user_deactivated(user=instance)
 
 
 @receiver(user_logged_out, dispatch_uid="notifications.logged_out")

@@ -28,6 +28,9 @@ ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[:
 
 INSTALLED_APPS = [
     "daphne",  # first, so `runserver` serves HTTP and WebSocket through ASGI
+    # Before django.contrib.admin: its admin/index.html (extending the admin's) links the
+    # "Send notification" and "Who is online" pages from /admin/ (notifications/admin.py).
+    "notifications",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -36,8 +39,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "ninja",  # Swagger UI for /api/docs from its own static files, not a CDN
-    "notifications",
     "examples",
+    "project.demo",  # this project's demo_setup command (make run)
 ]
 
 MIDDLEWARE = [
@@ -58,7 +61,7 @@ ROOT_URLCONF = "project.urls"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [],  # every template is an app's (notifications/templates/)
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [
@@ -228,6 +231,8 @@ NOTIFICATIONS = {
     "PRESENCE_TTL": env.int("PRESENCE_TTL", default=45),
     # This server process's name in presence listings (default: host name and process id).
     "SERVER_ID": env.str("SERVER_ID", default=""),
+    # Add "send a notification" and "disconnect" to the User admin (the app leaves it alone by default).
+    "USER_ADMIN_ACTIONS": True,
 }
 
 # ---- Production security: HTTPS, cookies, HSTS, proxies (docs/security.md) -------------------

@@ -1,4 +1,4 @@
-"""Management commands: create_api_token and demo_setup."""
+"""Management commands: create_api_token (the app's) and demo_setup (this project's demo, project/demo/)."""
 
 import re
 from io import StringIO
@@ -8,8 +8,8 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 
 from notifications.auth import AuthFailure, token_authenticate
-from notifications.management.commands.demo_setup import DEMO_PASSWORD
 from notifications.models import ApiToken, Topic
+from project.demo.management.commands.demo_setup import DEMO_PASSWORD
 
 pytestmark = [pytest.mark.django_db]
 

@@ -225,6 +225,49 @@ async def test_deactivating_a_user_in_the_admin_closes_their_connections(layer, 
     assert (await again.receive_json_from(timeout=5))["code"] == "user_inactive"
 
 
+@pytest.mark.parametrize("how", ["save()", "save(update_fields)", "Django's own User admin"])
+async def test_deactivating_a_user_anywhere_closes_their_connections(layer, ws, alice, alice_token, how,
+                                                                     superuser_client):
+    """Not only through this app's User admin (a host without USER_ADMIN_ACTIONS keeps Django's)."""
+    from django.contrib import admin
+    from django.contrib.auth.admin import UserAdmin
+
+    comm, _ = await ws(alice_token)
+    alice.is_active = False
+    if how == "save()":
+        await sync_to_async(alice.save)()
+    elif how == "save(update_fields)":
+        await sync_to_async(alice.save)(update_fields=["is_active"])
+    else:
+        from django.contrib.auth.models import User
+
+        admin.site.unregister(User)
+        admin.site.register(User, UserAdmin)
+        try:
+            response = await sync_to_async(superuser_client.post)(
+                f"/admin/auth/user/{alice.pk}/change/",
+                {"username": "alice", "is_active": "", "date_joined_0": "2026-01-01", "date_joined_1": "00:00:00",
+                 "initial-date_joined_0": "2026-01-01", "initial-date_joined_1": "00:00:00"},
+            )
+        finally:
+            from notifications.admin import NotifyingUserAdmin
+
+            admin.site.unregister(User)
+            admin.site.register(User, NotifyingUserAdmin)
+        assert response.status_code == 302, response.content[:500]
+    assert await comm.receive_json_from(timeout=5) == {
+        "type": "error", "code": "disconnected", "message": "user deactivated",
+    }
+    assert (await comm.receive_output(timeout=5))["code"] == 4003
+
+
+async def test_saving_an_active_user_closes_nothing(ws, alice, alice_token):
+    comm, _ = await ws(alice_token)
+    alice.first_name = "Alice"
+    await sync_to_async(alice.save)()
+    assert await comm.receive_nothing(timeout=0.3)
+
+
 # Another user's things
 
 

@@ -1,0 +1,1 @@
+"""This project's demo (``make run``): the ``demo_setup`` command. Not part of the app."""
