@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint migrate clean chromium serve bench
+.PHONY: run test lint migrate clean chromium serve bench dist
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version'
@@ -40,6 +40,11 @@ run: migrate
 # users. Several workers need REDIS_URL; WORKERS defaults to the number of cores.
 serve: $(VENV)/.runtime-installed
 	bin/serve --host $(HOST) --port $(PORT) $(if $(WORKERS),--workers $(WORKERS))
+
+# The app's own distribution (docs/install.md): the sdist and wheel of notifications/ alone, in
+# dist/ (tests/test_distribution.py checks what the wheel holds).
+dist: $(VENV)/.dev-installed
+	$(BIN)/python -m build
 
 test: $(VENV)/.dev-installed chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
