@@ -23,7 +23,7 @@ $(VENV)/.bench-installed: requirements-bench.txt $(VENV)/.runtime-installed
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements-bench.txt
 	touch $@
 
-# The short benchmark (under 2 minutes; docs/performance.md): PostgreSQL and Redis on loopback
+# The short benchmark (about 2.5 minutes, with the storm rows at 500 clients; docs/performance.md): PostgreSQL and Redis on loopback
 # (BENCH_DATABASE_URL, REDIS_URL); writes bench/results/bench-<date>.json and .png.
 # The full run: .venv/bin/python bench/run.py --full
 bench: $(VENV)/.bench-installed
