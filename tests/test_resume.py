@@ -333,7 +333,12 @@ async def test_unread_count_after_a_resume_plus_the_live_frames_after_it_is_the_
     monkeypatch.setattr(resume, "outcome", outcome_with_a_send_meanwhile)
     comm, _ = await ws(alice_token, path=f"{WS_PATH}?since={since(hello['cursor'])}&epoch={hello['epoch']}")
     frames = [await comm.receive_json_from(timeout=5) for _ in range(4)]
-    assert [f["type"] for f in frames] == ["notification", "resumed", "unread_count", "notification"]
-    assert frames[3]["title"] == "live during the replay"
-    shown = frames[2]["count"] + 1  # the client adds one per live notification
+    kinds = [f["type"] for f in frames]
+    # "missed" is replayed before `resumed`, or, when its push reached this process only after the
+    # socket registered (the Redis layer under load), it arrives live after `unread_count`.
+    assert kinds in (["notification", "resumed", "unread_count", "notification"],
+                     ["resumed", "unread_count", "notification", "notification"]), kinds
+    assert sorted(f["title"] for f in frames if f["type"] == "notification") == ["live during the replay", "missed"]
+    count_at = kinds.index("unread_count")
+    shown = frames[count_at]["count"] + kinds[count_at:].count("notification")  # the client adds one per live one
     assert shown == await sync_to_async(selectors.unread_count_for)(alice) == 2
