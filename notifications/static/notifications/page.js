@@ -2,9 +2,10 @@
  * The notifications page (templates/index.html): renders what NotificationClient knows.
  *
  * Bell and badge, the dropdown list (click an item to mark it read, dismiss, mark all
- * read), toasts for new notifications, the topic list and the connection status.
- * A site may tune the client by setting `window.notificationClientOptions` (for example
- * `{maxDelay: 10000}`) before this script runs.
+ * read), toasts for new notifications, the topic list and the connection status, with the
+ * reason the server gave when it refused or closed the socket (its `error` frame and the close
+ * code, docs/protocol.md). A site may tune the client by setting
+ * `window.notificationClientOptions` (for example `{maxDelay: 10000}`) before this script runs.
  */
 (function () {
   "use strict";
@@ -13,6 +14,7 @@
   const $ = (id) => document.getElementById(id);
   const el = {
     status: $("connection-status"),
+    reason: $("connection-reason"),
     statusText: document.querySelector("#connection-status .status-text"),
     statusAction: document.querySelector("#connection-status .status-action"),
     bell: $("bell"),
@@ -36,8 +38,30 @@
   const OFFLINE_TEXT = {
     signed_out: "Signed out",
     forbidden: "Offline: not allowed",
+    bad_url: "Offline: bad socket URL",
     unsupported_protocol: "Offline: reload the page", // the server was updated; this page's client.js is old
     stopped: "Offline",
+  };
+  // What a close code means, for the site's developer (docs/protocol.md, "Close codes"); used
+  // when no `error` frame came before the close.
+  const CLOSE_TEXT = {
+    1000: "The server closed the connection",
+    1001: "The server is going away",
+    1006: "The connection was lost: the server stopped or the network dropped",
+    1011: "The server failed (its log says why)",
+    1012: "The server is restarting",
+    4008: "The server dropped this page for falling behind",
+    4012: "The notification store was replaced",
+  };
+  // 1006 before any frame: the browser never had a WebSocket (it reports every refusal so).
+  const NOT_OPENED =
+    "The socket could not be opened: the server is not answering, refused the handshake " +
+    "(a wrong WebSocket path), or a proxy in front of it does not forward WebSocket upgrades";
+  // A hint after the reason, by the error frame's code: what to change.
+  const HINTS = {
+    origin_not_allowed: originHint,
+    unsupported_protocol: () => "Reload the page: the server was updated and speaks a newer protocol.",
+    too_many_failures: () => "Too many failed sign-ins from this address: wait a minute.",
   };
   const TOAST_MS = 6000;
   const MAX_TOASTS = 3;
@@ -46,6 +70,7 @@
   let topics = []; // [{slug, title, private}] from the REST API
   let renderQueued = false;
 
+  const tuning = window.notificationClientOptions || {};
   const client = new NotificationClient(
     Object.assign(
       {
@@ -56,21 +81,103 @@
         onChange: queueRender,
         onError: (error) => console.warn("notifications:", error.code || "", error.message),
       },
-      window.notificationClientOptions || {},
+      tuning,
+      {
+        // The page needs the frames (for the reason of a close); a site's own onFrame still runs.
+        onFrame: (frame) => {
+          watchFrame(frame);
+          if (tuning.onFrame) tuning.onFrame(frame);
+        },
+      },
     ),
   );
   window.notificationClient = client; // for the console (and the browser tests)
 
-  // Connection status
+  // Connection status, and why the server closed the socket
+
+  let socketFrames = { greeted: false, error: null }; // of the socket being opened or open now
+
+  function watchFrame(frame) {
+    if (frame.type === "hello") socketFrames.greeted = true;
+    // An error without a request id is the server's reason for the close that follows.
+    else if (frame.type === "error" && frame.id === undefined) socketFrames.error = frame;
+  }
 
   function showStatus(status, detail) {
     let text = STATUS_TEXT[status] || status;
-    if (status === "offline") text = OFFLINE_TEXT[detail.reason] || text;
+    let reason = el.reason.textContent; // kept while reconnecting attempts run
+    if (status === "offline") {
+      text = OFFLINE_TEXT[detail.reason] || text;
+      reason = detail.reason === "stopped" ? "" : closeReason(detail);
+    } else if (status === "reconnecting" && detail.delay !== undefined) {
+      text = `Reconnecting in ${seconds(detail.delay)} s`; // a close (or a failed ticket request): a retry is scheduled
+      reason = closeReason(detail) || reason;
+    } else if (status !== "reconnecting") {
+      reason = ""; // connecting, connected
+    }
+    if (status === "connecting" || (status === "reconnecting" && detail.delay === undefined)) {
+      socketFrames = { greeted: false, error: null }; // a new socket is being opened
+    }
     el.status.dataset.status = status;
     el.statusText.textContent = text;
     el.statusAction.hidden = !(status === "offline" && detail.reason === "signed_out");
     el.factStatus.textContent = text;
+    el.reason.dataset.status = status;
+    el.reason.textContent = reason;
+    el.reason.hidden = !reason;
     if (status === "connected") loadTopics();
+  }
+
+  function seconds(ms) {
+    return ms < 10000 ? Math.max(0.1, Math.ceil(ms / 100) / 10).toFixed(1) : String(Math.round(ms / 1000));
+  }
+
+  /**
+   * The close code of the socket that just closed. client.js passes it when it goes offline;
+   * it reports a scheduled reconnect from inside the socket's close event, which the browser
+   * exposes as `window.event` while its handlers run.
+   */
+  function closeCode(detail) {
+    if (typeof detail.code === "number" && detail.code >= 1000) return detail.code; // < 1000: an HTTP status
+    const event = window.event;
+    return typeof CloseEvent !== "undefined" && event instanceof CloseEvent ? event.code : null;
+  }
+
+  /** The reason for a close, in words for the site's developer: the server's `error` frame and the close code. */
+  function closeReason(detail) {
+    const code = closeCode(detail);
+    const error = socketFrames.error;
+    const greeted = socketFrames.greeted;
+    let sentence;
+    if (error) {
+      const codes = [error.code, code !== null && `close ${code}`].filter(Boolean).join(", ");
+      const message = String(error.message || "").replace(/[.\s]+$/, "");
+      sentence = `${greeted ? "Closed" : "Refused"} by the server: ${message} (${codes}).`;
+    } else if (code !== null) {
+      const words = (code === 1006 && !greeted ? NOT_OPENED : CLOSE_TEXT[code]) ||
+        `The server ${greeted ? "closed" : "refused"} the connection`;
+      sentence = `${words} (close ${code}).`;
+    } else if (typeof detail.code === "number") {
+      sentence = `The WebSocket ticket request was refused (HTTP ${detail.code}).`;
+    } else {
+      return "";
+    }
+    const hint = HINTS[error && error.code];
+    return hint ? `${sentence} ${hint()}` : sentence;
+  }
+
+  /**
+   * What lets this page's Origin use the session cookie on the socket (docs/protocol.md,
+   * "Authentication"): its host in ALLOWED_HOSTS and a Host header equal to the page's (a proxy
+   * that drops the port, as nginx's `$host` does, breaks that), or the origin listed.
+   */
+  function originHint() {
+    const tls = location.protocol === "https:" ? " and X-Forwarded-Proto (from an address the server trusts)" : "";
+    return (
+      `Add "${location.hostname}" to ALLOWED_HOSTS, or "${location.origin}" to ` +
+      `NOTIFICATIONS["WS_ALLOWED_ORIGINS"]; behind a proxy, pass the Host header on with its port ` +
+      `(nginx: proxy_set_header Host $http_host)${tls}. See docs/install.md.`
+    );
   }
 
   // Rendering (batched into one frame)
