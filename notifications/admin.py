@@ -22,7 +22,6 @@ import json
 from collections import Counter
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.widgets import AutocompleteSelectMultiple
 from django.contrib.auth import get_user_model
@@ -35,7 +34,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 
-from . import protocol, selectors, services
+from . import conf, protocol, selectors, services
 from .auth import token_create, token_revoke
 from .models import ApiToken, Audience, Level, Notification, Topic
 from .presence import get_presence
@@ -258,7 +257,7 @@ class NotificationAdmin(admin.ModelAdmin):
             "connection_count": len(connections),
             "topics": sorted(topics.items()),
             "now": now,
-            "presence_ttl": settings.NOTIFICATIONS["PRESENCE_TTL"],
+            "presence_ttl": conf.settings.PRESENCE_TTL,
         }
         return TemplateResponse(request, "notifications/admin/online.html", context)
 
@@ -322,7 +321,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 def user_admin_actions_enabled() -> bool:
     """Whether the host asked for the two actions on its User admin (NOTIFICATIONS["USER_ADMIN_ACTIONS"])."""
-    return bool(getattr(settings, "NOTIFICATIONS", {}).get("USER_ADMIN_ACTIONS", False))
+    return bool(conf.settings.USER_ADMIN_ACTIONS)
 
 
 class NotifyingUserAdmin(UserAdmin):

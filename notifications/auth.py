@@ -32,7 +32,7 @@ from django.db.models import ManyToManyField
 from django.http.request import validate_host
 from django.utils import timezone
 
-from . import db, protocol, push, throttle
+from . import conf, db, protocol, push, throttle
 from .db import database_sync_to_async
 from .models import ApiToken, Follow, Topic, WsTicket
 from .net import scope_client_ip
@@ -78,7 +78,7 @@ unavailable = ThrottledLog(logging.getLogger(__name__))
 def failure_seen(address: str) -> bool:
     """Count a failed token or ticket from ``address``; False once the address is over the limit
     (the failure is then answered ``too_many_failures``: 429, or close 4029)."""
-    return throttle.hit("auth", address, limit=settings.NOTIFICATIONS["AUTH_FAILURES_PER_MINUTE"])
+    return throttle.hit("auth", address, limit=conf.settings.AUTH_FAILURES_PER_MINUTE)
 
 
 def counted(failure: AuthFailure, address: str) -> AuthFailure:
@@ -221,7 +221,7 @@ def token_revoke(token: ApiToken) -> None:
 
 def ticket_issue(*, user) -> tuple[str, int]:
     """Issue a single-use WebSocket ticket; return it and its lifetime in seconds."""
-    ttl = settings.NOTIFICATIONS["TICKET_TTL_SECONDS"]
+    ttl = conf.settings.WS_TICKET_TTL
     now = timezone.now()
     WsTicket.objects.filter(expires_at__lt=now).delete()
     raw = f"{TICKET_PREFIX}_{secrets.token_urlsafe(32)}"
@@ -244,6 +244,9 @@ def ticket_consume(raw: str):
 # ``push.connections_close(session=ALL_SESSIONS)``: every session-authenticated connection of the user.
 ALL_SESSIONS = "*"
 
+# The hosts Django's HttpRequest.get_host() allows when DEBUG is on and ALLOWED_HOSTS is empty.
+DEBUG_ALLOWED_HOSTS = [".localhost", "127.0.0.1", "[::1]"]
+
 
 def session_digest(session_key: str) -> str:
     """Names one session in a close message without the session key itself (a credential)."""
@@ -254,11 +257,12 @@ def origin_allowed(origin: str | None, host: str | None, scheme: str = "ws") -> 
     """Whether a browser Origin may use cookie authentication: an exact entry of
     ``WS_ALLOWED_ORIGINS``, or the same origin as the site itself (the Origin's scheme matches
     the handshake's, ``https`` for ``wss`` and ``http`` for ``ws``; its host and port equal the
-    handshake's Host header; and that host is in ``ALLOWED_HOSTS``). Another port or scheme on
+    handshake's Host header; and that host is in ``ALLOWED_HOSTS``, or, with ``DEBUG`` and an empty
+    ``ALLOWED_HOSTS``, a localhost name, as for Django's HTTP requests). Another port or scheme on
     the same host is another origin: it is refused."""
     if not origin:
         return False
-    allowed_origins = settings.NOTIFICATIONS["WS_ALLOWED_ORIGINS"]
+    allowed_origins = conf.settings.WS_ALLOWED_ORIGINS
     if origin in allowed_origins or "*" in allowed_origins:
         return True
     parsed = urlsplit(origin)
@@ -268,7 +272,10 @@ def origin_allowed(origin: str | None, host: str | None, scheme: str = "ws") -> 
     if parsed.netloc.lower() != host.lower():
         return False
     hostname = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
-    return validate_host(hostname, settings.ALLOWED_HOSTS)
+    allowed_hosts = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed_hosts:
+        allowed_hosts = DEBUG_ALLOWED_HOSTS
+    return validate_host(hostname, allowed_hosts)
 
 
 def bearer_from_header(value: str) -> str:

@@ -16,11 +16,10 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import InterfaceError, OperationalError
 
-from . import db, metrics, observe, protocol, resume, selectors, services, streams
+from . import conf, db, metrics, observe, protocol, resume, selectors, services, streams
 from .auth import ALL_SESSIONS
 from .db import database_sync_to_async
 from .hub import Hub, get_hub
@@ -34,7 +33,10 @@ from .throttled_log import ThrottledLog
 logger = logging.getLogger(__name__)
 store_failures = ThrottledLog(logger)
 
-SERVER_ID = settings.NOTIFICATIONS["SERVER_ID"] or f"{socket.gethostname()}:{os.getpid()}"
+
+def server_id() -> str:
+    """This process's name in presence listings: ``SERVER_ID``, or host name and process id."""
+    return conf.settings.SERVER_ID or f"{socket.gethostname()}:{os.getpid()}"
 
 
 class NotificationConsumer(AsyncWebsocketConsumer):
@@ -48,9 +50,9 @@ class NotificationConsumer(AsyncWebsocketConsumer):
 
     def __init__(self, *args, max_frame_bytes: int | None = None, max_queued_frames: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        options = settings.NOTIFICATIONS
-        self.max_frame_bytes = max_frame_bytes or options["WS_MAX_FRAME_BYTES"]
-        self.max_queued_frames = max_queued_frames or options["WS_MAX_QUEUED_FRAMES"]
+        options = conf.settings
+        self.max_frame_bytes = max_frame_bytes or options.WS_MAX_FRAME_BYTES
+        self.max_queued_frames = max_queued_frames or options.WS_MAX_QUEUED_FRAMES
         self.user: Any = None
         self.hub: Hub | None = None
         self.outbox: Outbox | None = None
@@ -60,8 +62,8 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         self.resumed = False
         self.own_topic_requests: set[str] = set()
         self.routing = asyncio.Lock()  # one topic route at a time (see _route_topic)
-        self.max_connections = options["WS_MAX_CONNECTIONS_PER_USER"]
-        self.bucket = TokenBucket(rate=options["WS_RATE"], burst=options["WS_BURST"])
+        self.max_connections = options.WS_MAX_CONNECTIONS_PER_USER
+        self.bucket = TokenBucket(rate=options.WS_RATE, burst=options.WS_BURST)
         self.violations = 0
 
     # Connection lifecycle
@@ -401,7 +403,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             since=time.time(),
             ip=scope_client_ip(self.scope),
             user_agent=scope_headers(self.scope).get("user-agent", "")[:300],
-            server=SERVER_ID,
+            server=server_id(),
             topics=sorted(topics),
         )
 

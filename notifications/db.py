@@ -2,7 +2,7 @@
 
 Channels' ``database_sync_to_async`` runs every call of a process in one thread (it is thread
 sensitive), so under a burst of handshakes each waited for every query before it. Here the
-calls run in ``DB_THREADS`` threads (``settings.NOTIFICATIONS``, default 2), each with its own
+calls run in ``DB_THREADS`` threads (``NOTIFICATIONS["DB_THREADS"]``, default 2), each with its own
 database connection, kept like any thread's (``CONN_MAX_AGE``, or Django's pool when
 configured): at most ``DB_THREADS`` connections per process. Each call is closed off as
 Channels' is (``close_old_connections`` before and after), and a call is one unit of work: a
@@ -20,13 +20,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from channels.db import DatabaseSyncToAsync
-from django.conf import settings
 from django.db import connections
 
-DEFAULT_THREADS = 2
-# Calls waiting for a thread beyond which handshakes are refused: a handshake has at most one call
-# waiting, so this is about as many handshakes at once (on this 2-core machine a few seconds of work).
-DEFAULT_MAX_BACKLOG = 1000
+from . import conf
 
 _executor: ThreadPoolExecutor | None = None
 _pid = 0
@@ -34,7 +30,7 @@ _lock = threading.Lock()
 
 
 def threads() -> int:
-    return int(settings.NOTIFICATIONS.get("DB_THREADS", DEFAULT_THREADS))
+    return int(conf.settings.DB_THREADS)
 
 
 def executor() -> ThreadPoolExecutor:
@@ -77,7 +73,7 @@ def shutdown(timeout: float = 5.0) -> None:
 
 
 def max_backlog() -> int:
-    return int(settings.NOTIFICATIONS.get("DB_MAX_BACKLOG", DEFAULT_MAX_BACKLOG))
+    return int(conf.settings.DB_MAX_BACKLOG)
 
 
 def overloaded() -> bool:

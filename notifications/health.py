@@ -14,12 +14,12 @@ import time
 import uuid
 
 from channels.db import database_sync_to_async
-from channels.layers import get_channel_layer
 from django.db import connection
 from django.http import JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from .layers import channel_layer
 from .metrics import metrics_allowed
 from .throttled_log import ThrottledLog
 
@@ -42,7 +42,7 @@ def _check_database() -> None:
 
 
 async def _check_channel_layer() -> None:
-    layer = get_channel_layer()
+    layer = channel_layer()
     if layer is None:
         raise RuntimeError("no channel layer is configured")
     channel = await layer.new_channel()
@@ -72,9 +72,9 @@ async def _run(name: str, check) -> str:
 @never_cache
 @require_GET
 async def readyz(request):
-    database, channel_layer = await asyncio.gather(
+    database, layer = await asyncio.gather(
         _run("database", _check_database), _run("channel_layer", _check_channel_layer))
-    details = {"database": database, "channel_layer": channel_layer}
+    details = {"database": database, "channel_layer": layer}
     checks = {name: "ok" if value.startswith("ok") else "error" for name, value in details.items()}
     ready = all(value == "ok" for value in checks.values())
     body: dict = {"status": "ok" if ready else "unavailable", "checks": checks}

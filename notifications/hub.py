@@ -24,12 +24,11 @@ import logging
 import time
 import weakref
 
-from channels.layers import get_channel_layer
 from channels_redis.core import RedisChannelLayer
-from django.conf import settings
 
-from . import metrics, protocol, selectors, streams, transport
+from . import conf, metrics, protocol, selectors, streams, transport
 from .db import database_sync_to_async
+from .layers import channel_layer
 from .outbox import Outbox
 from .registry import Registry
 from .sequencer import Sequencer
@@ -55,9 +54,9 @@ class Hub:
         self.channel: str | None = None
         self.epoch = ""
         self.registry = Registry()
-        options = settings.NOTIFICATIONS
-        self.sequencer = Sequencer(self._deliver, self._read, gap_wait=options["HUB_GAP_WAIT"])
-        self.sync_interval = options["HUB_SYNC_INTERVAL"]
+        options = conf.settings
+        self.sequencer = Sequencer(self._deliver, self._read, gap_wait=options.HUB_GAP_WAIT)
+        self.sync_interval = options.HUB_SYNC_INTERVAL
         self.joining: dict[str, asyncio.Task] = {}  # a stream's join: group_add, then its head
         self.next_join: tuple[list[str], asyncio.Task] | None = None  # the batch still taking streams
         self.leaving: dict[str, asyncio.Task] = {}
@@ -419,7 +418,7 @@ _hubs: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub]" = weakref.Wea
 async def get_hub() -> Hub:
     """This event loop's hub, started."""
     loop = asyncio.get_running_loop()
-    layer = get_channel_layer()
+    layer = channel_layer()
     hub = _hubs.get(loop)
     if hub is None or hub.layer is not layer:
         if hub is not None:

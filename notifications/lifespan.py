@@ -1,6 +1,7 @@
-"""ASGI lifespan: warn at startup about a one-process configuration; on shutdown, leave the
-stream groups and presence, and close the database threads' connections, before the process
-exits.
+"""ASGI lifespan: log the app's system-check warnings at startup (a one-process configuration, a
+key of ``NOTIFICATIONS`` the app does not know, origin rules that refuse the site); on shutdown,
+leave the stream groups and presence, and close the database threads' connections, before the
+process exits.
 
 uvicorn sends lifespan events (Daphne does not; there, a dead process's presence entries
 expire after PRESENCE_TTL and its stream membership after the channel layer's group
@@ -11,7 +12,7 @@ import asyncio
 import logging
 
 from . import db, metrics
-from .checks import channel_layer_check
+from .checks import startup_warnings
 from .hub import shutdown_hubs
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ async def lifespan(scope, receive, send):
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
-            for warning in channel_layer_check():
+            for warning in startup_warnings():
                 logger.warning("%s (%s) %s", warning.msg, warning.id, warning.hint)
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":

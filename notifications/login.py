@@ -11,14 +11,13 @@ Every failed ``authenticate()`` of a request counts (Django's ``user_login_faile
 import hashlib
 from functools import wraps
 
-from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.signals import user_login_failed
 from django.dispatch import receiver
 from django.http import HttpResponse
 from django.utils.decorators import method_decorator
 
-from . import throttle
+from . import conf, throttle
 from .net import request_client_ip
 
 TOO_MANY_PASSWORDS = "Too many failed logins for this user from your address; wait a minute."
@@ -30,7 +29,7 @@ def _pair(request, username: str) -> str:
 
 
 def _limit() -> int:
-    return settings.NOTIFICATIONS["AUTH_FAILURES_PER_MINUTE"]
+    return conf.settings.AUTH_FAILURES_PER_MINUTE
 
 
 @receiver(user_login_failed, dispatch_uid="notifications.login_failed")

@@ -19,7 +19,6 @@ import ipaddress
 import os
 import re
 
-from django.conf import settings
 from django.http import HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
@@ -35,6 +34,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from . import conf
 from .net import client_ip
 
 MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
@@ -192,7 +192,7 @@ def exposition() -> bytes:
 
 
 def _address_allowed(address: str | None) -> bool:
-    allowed = [a.strip() for a in settings.METRICS_ALLOWED_IPS if a.strip()]
+    allowed = [a.strip() for a in conf.settings.METRICS_ALLOWED_IPS if a.strip()]
     if not address:
         return "unix" in allowed  # a Unix-socket peer has no address
     try:
@@ -209,7 +209,7 @@ def _address_allowed(address: str | None) -> bool:
 
 
 def _token_ok(request) -> bool:
-    expected = settings.METRICS_TOKEN
+    expected = conf.settings.METRICS_TOKEN
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if not expected or scheme.lower() != "bearer":
         return False

@@ -9,7 +9,7 @@ that is not is the client. A forged header from an untrusted peer is ignored.
 import ipaddress
 from functools import lru_cache
 
-from django.conf import settings
+from . import conf
 
 
 @lru_cache(maxsize=16)
@@ -22,7 +22,7 @@ def _trusted(address: str) -> bool:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
-    return any(ip in network for network in _networks(tuple(settings.NOTIFICATIONS["TRUSTED_PROXIES"])))
+    return any(ip in network for network in _networks(tuple(conf.settings.TRUSTED_PROXIES)))
 
 
 def _valid(address: str) -> bool:

@@ -4,8 +4,9 @@ Two backends behind one interface, chosen by ``NOTIFICATIONS["PRESENCE_BACKEND"]
 (a dotted path, loaded lazily like Django's storage backends):
 
 - ``LocalPresence``: this process's connections only (one-process quick start).
-- ``RedisPresence``: shared by every process, in the channel layer's Redis (``REDIS_URL``, or
-  the master named ``REDIS_SENTINEL_MASTER`` found through ``REDIS_SENTINELS``). Each connection is a hash
+- ``RedisPresence``: shared by every process, in the channel layer's Redis (the ``hosts`` of
+  ``CHANNEL_LAYERS["default"]``: URLs, or Sentinel-managed masters), or at
+  ``NOTIFICATIONS["REDIS_URL"]`` (``notifications.conf.redis_hosts``). Each connection is a hash
   ``<prefix>:presence:conn:<id>`` plus a member of the sorted set
   ``<prefix>:presence:alive`` scored by its last heartbeat. One task per process
   refreshes the scores of its local connections every ``PRESENCE_TTL / 3`` seconds (and writes
@@ -13,7 +14,7 @@ Two backends behind one interface, chosen by ``NOTIFICATIONS["PRESENCE_BACKEND"]
   a process that dies without cleaning up stops refreshing, and its connections drop
   out of every listing after at most ``PRESENCE_TTL`` seconds.
 
-  Several servers (comma-separated ``REDIS_URL``, or several ``REDIS_SENTINEL_MASTER`` names) are
+  Several servers (several ``hosts``, or several URLs in ``NOTIFICATIONS["REDIS_URL"]``) are
   shards: a connection's record and its member of the alive set live on the shard its id hashes
   to (``shard_index``), where its heartbeats and removal go; ``online()`` reads every shard, and
   lists what the shards that answer hold (a shard that is down: its connections are missing
@@ -29,16 +30,19 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
+from . import conf
 from .transport import redis_retry_once
 
 logger = logging.getLogger(__name__)
 
 POOL_SIZE = 16  # Redis connections per process and shard for presence writes
+# Options of a channel layer's host entry that are not presence's: channels-redis blocks in reads
+# (no socket timeout) and its retry objects are for the asyncio client; presence sets its own.
+LAYER_ONLY_OPTIONS = ("socket_timeout", "retry", "retry_on_error")
 
 
 def shard_index(connection_id: str, shards: int) -> int:
@@ -103,17 +107,17 @@ class LocalPresence(BasePresence):
 
 class RedisPresence(BasePresence):
     def __init__(self, url: str | Sequence[str] | None = None, prefix: str | None = None, ttl: float | None = None):
-        """``url``: one Redis URL, several (comma-separated, or a list: shards); default ``REDIS_URL``."""
+        """``url``: one Redis URL, several (comma-separated, or a list: shards); default: the app's
+        Redis (``notifications.conf.redis_hosts``: the channel layer's, or ``NOTIFICATIONS["REDIS_URL"]``)."""
         super().__init__()
-        self.urls = _split(url or settings.REDIS_URL or "")
-        self.url = self.urls[0] if self.urls else ""
-        # Sentinel wins over the URL, as for the channel layer (project.layers).
-        self.sentinels = [] if url else list(getattr(settings, "REDIS_SENTINELS", []))
-        self.masters = _split(settings.REDIS_SENTINEL_MASTER) if self.sentinels else []
-        if not self.shards:
-            raise ImproperlyConfigured("RedisPresence needs REDIS_URL, or REDIS_SENTINELS and REDIS_SENTINEL_MASTER.")
-        self.prefix = f"{prefix or settings.NOTIFICATIONS['REDIS_PREFIX']}:presence"
-        self.ttl = ttl or settings.NOTIFICATIONS["PRESENCE_TTL"]
+        # channels-redis host entries, one per shard: {"address": url, ...}, Sentinel, or keywords.
+        self.hosts = [{"address": address} for address in _split(url)] if url else conf.redis_hosts()
+        if not self.hosts:
+            raise ImproperlyConfigured(
+                "RedisPresence needs Redis: a channels-redis layer in CHANNEL_LAYERS['default'] (its hosts), "
+                "or NOTIFICATIONS['REDIS_URL'].")
+        self.prefix = f"{prefix or conf.settings.REDIS_PREFIX}:presence"
+        self.ttl = ttl or conf.settings.PRESENCE_TTL
         self._clients: dict[asyncio.AbstractEventLoop, list] = {}
         self._heartbeats: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
         self._batches: dict[tuple[asyncio.AbstractEventLoop, int], list] = {}  # writes waiting for _flush
@@ -128,7 +132,7 @@ class RedisPresence(BasePresence):
 
     @property
     def shards(self) -> int:
-        return len(self.masters) if self.sentinels else len(self.urls)
+        return len(self.hosts)
 
     def _loop_clients(self) -> list:
         import redis.asyncio
@@ -140,18 +144,24 @@ class RedisPresence(BasePresence):
         return self._clients[loop]
 
     def _connect(self, module, shard: int = 0):
-        """A client of ``module`` (``redis`` or ``redis.asyncio``) for shard ``shard``: its URL or Sentinel master."""
-        if self.sentinels:
-            sentinel = module.sentinel.Sentinel(self.sentinels, socket_timeout=2)
-            return sentinel.master_for(self.masters[shard], db=settings.REDIS_SENTINEL_DB,
-                                       password=settings.REDIS_SENTINEL_PASSWORD or None)
-        if module.__name__ == "redis.asyncio":
+        """A client of ``module`` (``redis`` or ``redis.asyncio``) for shard ``shard``: its URL, its
+        Sentinel-managed master, or its connection keywords, with the entry's other options."""
+        options = {key: value for key, value in self.hosts[shard].items() if key not in LAYER_ONLY_OPTIONS}
+        if "master_name" in options:
+            sentinel = module.sentinel.Sentinel(options.pop("sentinels"), socket_timeout=2,
+                                                sentinel_kwargs=options.pop("sentinel_kwargs", None))
+            return sentinel.master_for(options.pop("master_name"), **options)
+        address = options.pop("address", None)
+        asyncio_client = module.__name__ == "redis.asyncio"
+        options.update(redis_retry_once(asyncio_client=asyncio_client))
+        if asyncio_client:
             # A burst of connects or disconnects (a restart: every client at once) waits for one of
             # a few connections instead of opening hundreds, or failing with "Too many connections".
-            pool = module.BlockingConnectionPool.from_url(self.urls[shard], max_connections=POOL_SIZE, timeout=10,
-                                                          **redis_retry_once(asyncio_client=True))
+            options.update(max_connections=POOL_SIZE, timeout=10)
+            pool_class = module.BlockingConnectionPool
+            pool = pool_class.from_url(address, **options) if address else pool_class(**options)
             return module.Redis(connection_pool=pool)
-        return module.Redis.from_url(self.urls[shard], **redis_retry_once(asyncio_client=False))
+        return module.Redis.from_url(address, **options) if address else module.Redis(**options)
 
     async def _write(self, connection: Connection) -> None:
         def queue(pipe) -> None:
@@ -293,7 +303,7 @@ def get_presence() -> BasePresence:
     """The configured presence backend (one per process)."""
     global _backend
     if _backend is None:
-        _backend = import_string(settings.NOTIFICATIONS["PRESENCE_BACKEND"])()
+        _backend = import_string(conf.settings.PRESENCE_BACKEND)()
     return _backend
 
 

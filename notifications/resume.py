@@ -13,10 +13,9 @@ the user no longer follows is replayed up to its head: what arrived while they s
 
 from datetime import timedelta
 
-from django.conf import settings
 from django.utils import timezone
 
-from . import selectors, streams
+from . import conf, selectors, streams
 
 
 def outcome(user, cursor: dict[str, int], epoch: str | None, positions: dict[str, int],
@@ -28,7 +27,7 @@ def outcome(user, cursor: dict[str, int], epoch: str | None, positions: dict[str
     newer offset from another process that this one has not delivered yet): live frames up to the
     cursor's offset are dropped for this connection, the client has them. ``current_epoch``: the
     store's epoch as this process knows it (the hub's), or None to read it."""
-    options = settings.NOTIFICATIONS
+    options = conf.settings
     if epoch is not None and epoch != (current_epoch or selectors.store_epoch()):
         return {"recovered": False, "reason": "epoch_changed", "count": 0}
     readable = {key: offset for key, offset in cursor.items() if _readable(user, key)}
@@ -38,12 +37,12 @@ def outcome(user, cursor: dict[str, int], epoch: str | None, positions: dict[str
     ranges: selectors.Ranges = {key: (readable.get(key, 0), through) for key, through in positions.items()}
     for key, after in readable.items():
         ranges.setdefault(key, (after, None))  # no longer followed: what arrived while it was
-    rows = selectors.replay_for(user, ranges=ranges, limit=options["REPLAY_MAX_COUNT"] + 1)
+    rows = selectors.replay_for(user, ranges=ranges, limit=options.REPLAY_MAX_COUNT + 1)
     # Judged by this user's own streams: the age of someone else's notification is not theirs to learn.
-    oldest_allowed = timezone.now() - timedelta(seconds=options["REPLAY_MAX_AGE"])
+    oldest_allowed = timezone.now() - timedelta(seconds=options.REPLAY_MAX_AGE)
     if rows and rows[0].created_at < oldest_allowed:
         return {"recovered": False, "reason": "too_old", "count": 0}
-    if len(rows) > options["REPLAY_MAX_COUNT"]:
+    if len(rows) > options.REPLAY_MAX_COUNT:
         return {"recovered": False, "reason": "too_many", "count": 0}
     skip = {key: offset for key, offset in readable.items() if key in positions and offset > positions[key]}
     return {"recovered": True, "count": len(rows), "rows": rows, "skip": skip}

@@ -11,14 +11,13 @@ from datetime import timedelta
 from functools import partial
 from typing import Any, Literal, cast
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import protocol, push, selectors, streams
+from . import conf, protocol, push, selectors, streams
 from .auth import ALL_SESSIONS, session_digest
 from .models import (
     Audience,
@@ -265,7 +264,7 @@ def _claim_idempotency_key(key: str, actor, rows: list[Notification]) -> Idempot
         with transaction.atomic():
             return IdempotencyKey.objects.create(
                 scope=scope, key=key, request_hash=request_hash,
-                expires_at=now + timedelta(seconds=settings.NOTIFICATIONS["IDEMPOTENCY_TTL"]),
+                expires_at=now + timedelta(seconds=conf.settings.IDEMPOTENCY_TTL),
             )
     except IntegrityError:
         earlier = IdempotencyKey.objects.get(scope=scope, key=key)
@@ -478,7 +477,7 @@ def topic_follow(*, user, topic: Topic) -> bool:
     """
     if not selectors.topic_readable_by(topic, user):
         raise PermissionDenied(f"Topic {topic.slug!r} is private; only its members may follow it.")
-    limit = settings.NOTIFICATIONS["WS_MAX_TOPICS"]
+    limit = conf.settings.WS_MAX_TOPICS
     with transaction.atomic():
         # One user's follows are decided one at a time (two concurrent follows cannot both pass the limit).
         get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True).get()

@@ -8,7 +8,7 @@ Here every publish of a process runs on one event loop in a daemon thread, start
 use (and again in a child after a fork), so the process keeps one set of connections.
 
 ``publish`` never raises and never blocks its caller for more than ``PUSH_TIMEOUT`` seconds
-(``settings.NOTIFICATIONS``, default 1.0): then it cancels that batch, logs once per outage,
+(``NOTIFICATIONS["PUSH_TIMEOUT"]``, default 1.0): then it cancels that batch, logs once per outage,
 counts ``notifications_push_failures_total`` and returns. The notification is already
 stored; every hub reads lost pushes from the store. Called from async code (a running event
 loop in this thread), it schedules the batch and returns at once. Batches leave one at a
@@ -38,11 +38,11 @@ from collections.abc import Sequence
 from functools import partial
 
 from asgiref.sync import async_to_sync
-from channels.layers import InMemoryChannelLayer, get_channel_layer
+from channels.layers import InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
-from django.conf import settings
 
-from . import metrics
+from . import conf, metrics
+from .layers import channel_layer
 from .throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ Messages = Sequence[tuple[str, dict]]
 
 
 def push_timeout() -> float:
-    return float(settings.NOTIFICATIONS.get("PUSH_TIMEOUT", 1.0))
+    return float(conf.settings.PUSH_TIMEOUT)
 
 
 def publish(messages: Messages) -> None:
@@ -68,7 +68,7 @@ def publish(messages: Messages) -> None:
 
 
 def _publish(messages: Messages) -> None:
-    layer = get_channel_layer()
+    layer = channel_layer()
     if layer is None:
         return
     try:

@@ -14,57 +14,27 @@ group's name, and a process-local channel's messages (``specific.<process>!<id>`
 one host, chosen by the part up to ``!``; ``group_send`` reads the members on the group's host,
 then writes each member's copy on that member's host. So each group lives on one shard, and
 the processes' channels (one per hub) are spread over all of them (docs/deployment.md,
-"Several Redis servers").
+"Several Redis servers"). With several hosts the core layer is the app's
+``notifications.layers.ShardedRedisChannelLayer``.
+
+The app's presence reads the same ``hosts`` (``notifications.conf.redis_hosts``).
 """
 
-import logging
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from channels_redis.core import RedisChannelLayer
 from django.core.exceptions import ImproperlyConfigured
-from redis.exceptions import RedisError
 
+from notifications.layers import ShardedRedisChannelLayer
 from notifications.transport import redis_retry_once
-
-logger = logging.getLogger(__name__)
 
 LAYER_BACKENDS = {
     "core": "channels_redis.core.RedisChannelLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
 }
-# The core layer with several hosts: see ShardedRedisChannelLayer.
-SHARDED_CORE_BACKEND = "project.layers.ShardedRedisChannelLayer"
+# The core layer with several hosts: see notifications.layers.
+SHARDED_CORE_BACKEND = f"{ShardedRedisChannelLayer.__module__}.{ShardedRedisChannelLayer.__qualname__}"
 URL_SCHEMES = ("redis", "rediss", "unix")
-
-
-class ShardedRedisChannelLayer(RedisChannelLayer):
-    """channels-redis' core layer, with ``send()`` to a process-local channel on the host its
-    ``receive()`` reads, and no traceback when a host goes away just after a receive.
-
-    channels-redis 4.3.0 hashes the whole name (``specific.<process>!<id>``) in ``send()`` but
-    only the part up to ``!`` in ``receive()`` and ``group_send()``: with several hosts about
-    half of the direct sends land where nobody reads (django/channels_redis#221). The hubs only
-    use ``group_send``; ``/readyz`` sends to a channel of its own. Group names cannot contain
-    ``!``, so groups hash as before.
-
-    After each receive channels-redis removes the message's backup copy in a task nobody awaits;
-    if that host has just gone (a shard restarted), asyncio logs "Task exception was never
-    retrieved" with a traceback (seen in about 1 of 25 shard restarts in tests/ops/test_shards.py).
-    Here that is one warning line; the copy stays, and is received again later only if the host
-    kept it (the hub drops a notification it already delivered)."""
-
-    def consistent_hash(self, value):
-        if isinstance(value, str) and "!" in value:
-            value = value[: value.index("!") + 1]
-        return super().consistent_hash(value)
-
-    async def _clean_receive_backup(self, index, channel):
-        try:
-            await super()._clean_receive_backup(index, channel)
-        except RedisError as exc:
-            logger.warning("channel layer: could not remove a received message's backup copy on host %d: %s: %s",
-                           index, type(exc).__name__, exc)
 
 
 def _items(value: str | Sequence[str]) -> list[str]:

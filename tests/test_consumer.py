@@ -415,7 +415,7 @@ async def test_ticket_works_once(layer, ws, alice):
 
 
 async def test_expired_ticket_is_refused(layer, ws, alice, settings):
-    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "TICKET_TTL_SECONDS": -1}
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "WS_TICKET_TTL": -1}
     ticket, _ = await sync_to_async(ticket_issue)(user=alice)
     comm = await ws(path=f"{WS_PATH}?ticket={ticket}", hello=False)
     assert (await comm.receive_json_from(timeout=5))["code"] == "invalid_ticket"

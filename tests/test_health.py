@@ -34,8 +34,8 @@ def no_earlier_failures():
 @pytest.fixture
 def anonymous(settings):
     """Requests come from an address not allowed to read /metrics (the test client's is loopback)."""
-    settings.METRICS_ALLOWED_IPS = ["127.0.0.1"]
-    settings.METRICS_TOKEN = "metrics-secret"
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "METRICS_ALLOWED_IPS": ["127.0.0.1"],
+                              "METRICS_TOKEN": "metrics-secret"}
     return {"REMOTE_ADDR": "203.0.113.9"}
 
 

@@ -70,16 +70,49 @@ def test_shard_index_is_stable_and_spreads():
 
 
 def test_several_urls_or_sentinel_masters_are_shards(settings):
-    assert RedisPresence(url="redis://a:6379/0, redis://b:6379/0,").urls == ["redis://a:6379/0", "redis://b:6379/0"]
+    assert RedisPresence(url="redis://a:6379/0, redis://b:6379/0,").hosts == [{"address": "redis://a:6379/0"},
+                                                                             {"address": "redis://b:6379/0"}]
     assert RedisPresence(url=["redis://a:6379/0"]).shards == 1
-    settings.REDIS_URL = " redis://a:6379/0 ,redis://b:6379/1"
-    assert RedisPresence().urls == ["redis://a:6379/0", "redis://b:6379/1"]
-    settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER = [("10.0.0.1", 26379)], "shard-a, shard-b"
+    # By default, the channel layer's hosts: each a shard, as for the layer.
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "notifications.layers.ShardedRedisChannelLayer", "CONFIG": {
+        "hosts": ["redis://a:6379/0", {"address": "redis://b:6379/1", "socket_timeout": None}]}}}
+    assert [host["address"] for host in RedisPresence().hosts] == ["redis://a:6379/0", "redis://b:6379/1"]
+    sentinels = [{"sentinels": [("10.0.0.1", 26379)], "master_name": name, "db": 2} for name in ("shard-a", "shard-b")]
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
+                                           "CONFIG": {"hosts": sentinels}}}
     presence = RedisPresence()
-    assert (presence.masters, presence.shards) == (["shard-a", "shard-b"], 2)  # Sentinel wins, as for the layer
-    settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER, settings.REDIS_URL = [], "", ""
+    assert (presence.hosts, presence.shards) == (sentinels, 2)
+    # NOTIFICATIONS["REDIS_URL"] wins over the layer.
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REDIS_URL": "redis://c:6379/0,redis://d:6379/0"}
+    assert RedisPresence().shards == 2 and RedisPresence().hosts[0] == {"address": "redis://c:6379/0"}
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "REDIS_URL": None}
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     with pytest.raises(ImproperlyConfigured, match="REDIS_URL"):
         RedisPresence()
+
+
+def test_a_layer_host_entry_connects_with_its_options_but_not_the_layers_timeout_or_retry():
+    """A host entry's options reach presence's clients, except the layer's blocking reads (no socket
+    timeout) and its asyncio retry objects: presence's clients get retry objects of their own kind."""
+    import redis.asyncio
+    from redis.retry import Retry
+
+    presence = RedisPresence(url="redis://unused:6379/0")
+    presence.hosts = [{"address": "redis://a:6379/3", "socket_timeout": None, "health_check_interval": 7,
+                       "retry": object(), "retry_on_error": []}]
+    client = presence._connect(redis)
+    options = client.connection_pool.connection_kwargs
+    assert (options["host"], options["db"], options["health_check_interval"]) == ("a", 3, 7)
+    assert "socket_timeout" not in options and isinstance(options["retry"], Retry)
+    client.close()
+    pool = presence._connect(redis.asyncio).connection_pool
+    assert (pool.max_connections, pool.connection_kwargs["host"]) == (16, "a")
+
+    presence.hosts = [{"sentinels": [("10.0.0.1", 26379)], "master_name": "m", "db": 2, "password": "pw",
+                       "socket_timeout": None}]
+    master = presence._connect(redis).connection_pool
+    assert (master.service_name, master.connection_kwargs["db"], master.connection_kwargs["password"]) == ("m", 2, "pw")
+    assert presence.hosts[0]["socket_timeout"] is None  # the entry itself is left as it was
 
 
 async def test_records_spread_over_both_shards_and_online_lists_all(shards, prefix):

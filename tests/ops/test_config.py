@@ -1,6 +1,6 @@
 """Configuration for several processes and machines: the channel layer from the environment
 (one URL, several URLs as shards, Redis Sentinel with one or several masters, the pub/sub layer),
-the one-process warning, and bin/serve's refusal."""
+the app's presence on the same Redis, the one-process warning, and bin/serve's refusal."""
 
 import asyncio
 import contextlib
@@ -17,14 +17,18 @@ import uuid
 import pytest
 import redis
 from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
 
+from notifications import conf
 from notifications.checks import channel_layer_check
-from project.layers import SHARDED_CORE_BACKEND, parse_sentinels
+from project.layers import parse_sentinels
 from tests.conftest import missing_service
 from tests.server import APP_ENV, BASE_DIR
 
 SETTINGS = str(BASE_DIR / "project" / "settings.py")
 MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+SHARDED_BACKEND = "notifications.layers.ShardedRedisChannelLayer"  # the core layer with several hosts
+REDIS_PRESENCE, LOCAL_PRESENCE = "notifications.presence.RedisPresence", "notifications.presence.LocalPresence"
 
 
 def load_settings(monkeypatch, **env) -> dict:
@@ -38,6 +42,13 @@ def load_settings(monkeypatch, **env) -> dict:
         for host in layer.get("CONFIG", {}).get("hosts", []):
             assert_retries_once(host.pop("retry"), host.pop("retry_on_error"))  # objects: compared here
     return settings
+
+
+def app_settings(loaded: dict) -> dict:
+    """What the app makes of ``loaded``'s NOTIFICATIONS and CHANNEL_LAYERS (notifications.conf),
+    with ``"redis_hosts"``: its presence's Redis."""
+    with override_settings(NOTIFICATIONS=loaded["NOTIFICATIONS"], CHANNEL_LAYERS=loaded["CHANNEL_LAYERS"]):
+        return {**conf.settings.values(), "redis_hosts": conf.redis_hosts()}
 
 
 def assert_retries_once(retry, retry_on_error) -> None:
@@ -57,7 +68,9 @@ def test_redis_url_gives_the_core_layer(monkeypatch):
         "CONFIG": {"hosts": [{"address": "redis://cache:6379/2", "socket_timeout": None}], "prefix": "prod",
                    "capacity": 500, "expiry": 60, "group_expiry": 300},
     }}
-    assert settings["NOTIFICATIONS"]["PRESENCE_BACKEND"] == "notifications.presence.RedisPresence"
+    app = app_settings(settings)
+    assert (app["PRESENCE_BACKEND"], app["REDIS_PREFIX"]) == (REDIS_PRESENCE, "prod")
+    assert app["redis_hosts"] == [{"address": "redis://cache:6379/2", "socket_timeout": None}]
 
 
 @pytest.mark.parametrize("variable", ["REDIS_PREFIX", "CHANNELS_PREFIX"])
@@ -67,7 +80,7 @@ def test_one_prefix_namespaces_every_redis_key(monkeypatch, variable):
     settings = load_settings(monkeypatch, REDIS_URL="redis://cache:6379/2", **{variable: "staging"})
     assert settings["CHANNEL_LAYERS"]["default"]["CONFIG"]["prefix"] == "staging"
     assert settings["CACHES"]["default"]["KEY_PREFIX"] == "staging"
-    assert settings["NOTIFICATIONS"]["REDIS_PREFIX"] == "staging"
+    assert app_settings(settings)["REDIS_PREFIX"] == "staging"
 
 
 def test_sentinels_give_a_sentinel_managed_master(monkeypatch):
@@ -79,7 +92,9 @@ def test_sentinels_give_a_sentinel_managed_master(monkeypatch):
         "sentinels": [("10.0.0.1", 26379), ("10.0.0.2", 26380), ("fd00::3", 26379), ("s4", 26379)],
         "master_name": "notifications", "db": 3, "socket_timeout": None, "password": "pw",
     }]
-    assert settings["NOTIFICATIONS"]["PRESENCE_BACKEND"] == "notifications.presence.RedisPresence"
+    app = app_settings(settings)
+    assert app["PRESENCE_BACKEND"] == REDIS_PRESENCE
+    assert app["redis_hosts"] == settings["CHANNEL_LAYERS"]["default"]["CONFIG"]["hosts"]
     # channels-redis turns that entry into a SentinelConnectionPool for the master.
     from channels_redis.utils import create_pool
     from redis.asyncio.sentinel import SentinelConnectionPool
@@ -101,7 +116,7 @@ def test_comma_separated_redis_urls_are_shards_and_the_cache_uses_the_first(monk
                              REDIS_PREFIX="prod")
     assert settings["REDIS_URLS"] == ["redis://shard-a:6379/0", "redis://shard-b:6380/1"]
     assert settings["CHANNEL_LAYERS"] == {"default": {
-        "BACKEND": SHARDED_CORE_BACKEND,
+        "BACKEND": SHARDED_BACKEND,
         "CONFIG": {"hosts": [{"address": "redis://shard-a:6379/0", "socket_timeout": None},
                              {"address": "redis://shard-b:6380/1", "socket_timeout": None}],
                    "prefix": "prod", "capacity": 10_000, "expiry": 60, "group_expiry": 300},
@@ -109,7 +124,9 @@ def test_comma_separated_redis_urls_are_shards_and_the_cache_uses_the_first(monk
     # Django's RedisCache would take a list as primary + read replicas: the first server only.
     assert settings["CACHES"]["default"] == {"BACKEND": "django.core.cache.backends.redis.RedisCache",
                                              "LOCATION": "redis://shard-a:6379/0", "KEY_PREFIX": "prod"}
-    assert settings["NOTIFICATIONS"]["PRESENCE_BACKEND"] == "notifications.presence.RedisPresence"
+    app = app_settings(settings)
+    assert app["PRESENCE_BACKEND"] == REDIS_PRESENCE
+    assert [host["address"] for host in app["redis_hosts"]] == ["redis://shard-a:6379/0", "redis://shard-b:6380/1"]
     pubsub = load_settings(monkeypatch, REDIS_URL="redis://a:6379/0,redis://b:6379/0", CHANNELS_LAYER="pubsub")
     assert pubsub["CHANNEL_LAYERS"]["default"]["BACKEND"] == "channels_redis.pubsub.RedisPubSubChannelLayer"
     assert len(pubsub["CHANNEL_LAYERS"]["default"]["CONFIG"]["hosts"]) == 2
@@ -148,7 +165,7 @@ def test_several_sentinel_masters_give_one_sentinel_managed_shard_each(monkeypat
                              REDIS_SENTINEL_MASTER=" shard-a,shard-b , shard-c,", REDIS_SENTINEL_DB="2",
                              REDIS_SENTINEL_PASSWORD="pw", REDIS_URL="redis://ignored:6379/0")
     layer = settings["CHANNEL_LAYERS"]["default"]
-    assert layer["BACKEND"] == SHARDED_CORE_BACKEND
+    assert layer["BACKEND"] == SHARDED_BACKEND
     assert layer["CONFIG"]["hosts"] == [
         {"sentinels": [("10.0.0.1", 26379), ("10.0.0.2", 26379)], "master_name": name, "db": 2,
          "socket_timeout": None, "password": "pw"}
@@ -187,16 +204,19 @@ def test_pubsub_layer_has_no_capacity_or_expiry(monkeypatch):
 def test_no_redis_means_the_in_memory_layer_and_local_presence(monkeypatch):
     settings = load_settings(monkeypatch)
     assert settings["CHANNEL_LAYERS"] == MEMORY
-    assert settings["NOTIFICATIONS"]["PRESENCE_BACKEND"] == "notifications.presence.LocalPresence"
+    app = app_settings(settings)
+    assert (app["PRESENCE_BACKEND"], app["redis_hosts"]) == (LOCAL_PRESENCE, [])
 
 
 def test_metrics_and_log_settings(monkeypatch):
     settings = load_settings(monkeypatch, METRICS_ALLOWED_IPS="10.0.0.0/8,unix", METRICS_TOKEN="t",
                              LOG_FORMAT="json")
-    assert (settings["METRICS_ALLOWED_IPS"], settings["METRICS_TOKEN"]) == (["10.0.0.0/8", "unix"], "t")
+    app = settings["NOTIFICATIONS"]
+    assert (app["METRICS_ALLOWED_IPS"], app["METRICS_TOKEN"]) == (["10.0.0.0/8", "unix"], "t")
     assert settings["LOGGING"]["handlers"]["console"]["formatter"] == "json"
     defaults = load_settings(monkeypatch)
-    assert (defaults["METRICS_ALLOWED_IPS"], defaults["METRICS_TOKEN"]) == (["127.0.0.1", "::1"], "")
+    app = defaults["NOTIFICATIONS"]
+    assert (app["METRICS_ALLOWED_IPS"], app["METRICS_TOKEN"]) == (["127.0.0.1", "::1"], "")
     assert defaults["LOGGING"]["handlers"]["console"]["formatter"] == "plain"
     with pytest.raises(ImproperlyConfigured, match="LOG_FORMAT"):
         load_settings(monkeypatch, LOG_FORMAT="xml")
@@ -282,18 +302,19 @@ async def test_channel_layer_and_presence_through_a_real_sentinel(sentinel, sett
     from project.layers import redis_channel_layer
 
     address, db = sentinel
-    config = redis_channel_layer(prefix="test-sentinel", sentinels=[address], master_name="test-master",
-                                 db=db)["CONFIG"]
-    layer = RedisChannelLayer(**config)
+    layer_settings = redis_channel_layer(prefix="test-sentinel", sentinels=[address], master_name="test-master",
+                                         db=db)
+    layer = RedisChannelLayer(**layer_settings["CONFIG"])
     channel = await layer.new_channel()
     await layer.group_add("stream", channel)
     await layer.group_send("stream", {"type": "stream.notification", "id": 1})
     assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "stream.notification", "id": 1}
     await layer.flush()
 
-    settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER, settings.REDIS_SENTINEL_DB = [address], "test-master", db
+    settings.CHANNEL_LAYERS = {"default": layer_settings}  # presence: the layer's Sentinel host entry
     presence = RedisPresence(prefix="test-sentinel")
-    assert presence.sentinels == [address]
+    assert [(host["sentinels"], host["master_name"], host["db"]) for host in presence.hosts] == [
+        ([address], "test-master", db)]
     await presence.add(Connection(id="c1", user_id=1, username="alice", since=time.time(), server="s"))
     try:
         assert [c.id for c in await asyncio.to_thread(presence.online)] == ["c1"]
@@ -308,15 +329,16 @@ async def test_channel_layer_and_presence_over_two_sentinel_managed_shards(redis
     """REDIS_SENTINEL_MASTER=test-master,test-second: one Sentinel-managed shard per master. A group
     on one shard reaches channels on both; direct sends arrive; presence records land on both
     shards and are all listed."""
+    from notifications.layers import ShardedRedisChannelLayer
     from notifications.presence import Connection, RedisPresence, shard_index
-    from project.layers import ShardedRedisChannelLayer, redis_channel_layer
+    from project.layers import redis_channel_layer
 
     db = int(redis.Redis.from_url(redis_url).connection_pool.connection_kwargs.get("db") or 0)
     masters = {"test-master": redis_url, "test-second": second_redis.url.rsplit("/", 1)[0] + f"/{db}"}
     with running_sentinel(tmp_path, masters) as address:
         config = redis_channel_layer(prefix=f"test-sentinels-{uuid.uuid4().hex[:8]}", sentinels=[address],
                                      master_name="test-master,test-second", db=db)
-        assert config["BACKEND"] == SHARDED_CORE_BACKEND
+        assert config["BACKEND"] == SHARDED_BACKEND
         # Processes (layers) until one has its channel on each shard.
         layers, channels = [], {}
         while len(channels) < 2:
@@ -337,8 +359,7 @@ async def test_channel_layer_and_presence_over_two_sentinel_managed_shards(redis
             for layer in layers:
                 await layer.close_pools()
 
-        settings.REDIS_SENTINELS, settings.REDIS_SENTINEL_MASTER, settings.REDIS_SENTINEL_DB = (
-            [address], "test-master, test-second", db)
+        settings.CHANNEL_LAYERS = {"default": config}  # presence: one shard per Sentinel host entry
         prefix = f"test-sentinels-{uuid.uuid4().hex[:8]}"
         presence = RedisPresence(prefix=prefix)
         ids = [f"c{i}" for i in range(6)]

@@ -54,13 +54,13 @@ def test_other_clients_get_403_json(client):
 
 
 def test_allowed_networks_and_the_token(client, settings):
-    settings.METRICS_ALLOWED_IPS = ["10.0.0.0/8"]
-    settings.METRICS_TOKEN = "s3cret-metrics-token"
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "METRICS_ALLOWED_IPS": ["10.0.0.0/8"],
+                              "METRICS_TOKEN": "s3cret-metrics-token"}
     assert client.get("/metrics", REMOTE_ADDR="10.1.2.3").status_code == 200
     assert client.get("/metrics").status_code == 403  # loopback is no longer listed
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret-metrics-token").status_code == 200
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 403
-    settings.METRICS_TOKEN = ""
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "METRICS_TOKEN": ""}
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer ").status_code == 403  # no token configured
 
 

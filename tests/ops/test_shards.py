@@ -3,7 +3,7 @@
 
 - The channel layer over two real servers: a group on one shard reaches channels on both, and a
   direct send to a process's channel arrives wherever that channel lives (channels-redis 4.3.0
-  alone loses about half of those: ``project.layers.ShardedRedisChannelLayer``).
+  alone loses about half of those: ``notifications.layers.ShardedRedisChannelLayer``).
 - Two ``bin/serve`` processes on the shards, as two machines: personal, topic and broadcast sends
   through either reach a user connected to both; "who is online" lists the connections of both.
 - The second shard restarted (empty) while notifications flow: every client still ends with
@@ -26,8 +26,9 @@ from channels_redis.core import RedisChannelLayer
 from channels_redis.utils import _consistent_hash
 
 from notifications.hub import MARKER_PREFIX
+from notifications.layers import ShardedRedisChannelLayer
 from notifications.presence import RedisPresence, shard_index
-from project.layers import SHARDED_CORE_BACKEND, ShardedRedisChannelLayer, redis_channel_layer
+from project.layers import redis_channel_layer
 from tests.faults.client import ResumingClient, compare, start_clients, stop_clients, wait_until
 from tests.faults.conftest import world as fault_world  # noqa: F401  (a fixture: the fault tests' World)
 from tests.faults.scenarios import Ledger, Member, World, _deliver, _expected, log_trouble, send_notifications, ws_base
@@ -35,6 +36,7 @@ from tests.ops.test_scaleout import hello, sends_through_either_reach_a_user_on_
 from tests.server import LiveServer, http_request
 
 SHARDS = 2
+SHARDED_BACKEND = "notifications.layers.ShardedRedisChannelLayer"  # the layer with several hosts
 SYNC_INTERVAL = 2.0  # HUB_SYNC_INTERVAL's default, which the fault world's servers run with
 GROUP = "test-group"
 
@@ -97,7 +99,7 @@ async def layers_on_both_shards(cls, config: dict) -> dict[int, tuple]:
 @pytest.mark.redis
 async def test_a_group_on_one_shard_reaches_channels_on_both_and_direct_sends_arrive(shard_urls):
     config = redis_channel_layer(shard_urls, f"test-shards-{uuid.uuid4().hex[:8]}")
-    assert config["BACKEND"] == SHARDED_CORE_BACKEND
+    assert config["BACKEND"] == SHARDED_BACKEND
     prefix = config["CONFIG"]["prefix"]
     processes = await layers_on_both_shards(ShardedRedisChannelLayer, config["CONFIG"])
     sender = ShardedRedisChannelLayer(**config["CONFIG"])
@@ -129,7 +131,7 @@ async def test_stock_channels_redis_loses_direct_sends_over_shards(shard_urls):
     """Why ShardedRedisChannelLayer exists (django/channels_redis#221): channels-redis 4.3.0 puts a
     direct send to ``specific.<process>!<id>`` on the shard of the whole name, and reads it on
     the shard of ``specific.<process>!``. If this test fails, channels-redis is fixed: drop
-    ShardedRedisChannelLayer (project/layers.py) and this test."""
+    ShardedRedisChannelLayer (notifications/layers.py) and this test."""
     config = redis_channel_layer(shard_urls, f"test-shards-{uuid.uuid4().hex[:8]}")["CONFIG"]
     layer = RedisChannelLayer(**config)
     try:
@@ -153,7 +155,7 @@ async def test_a_backup_cleanup_on_a_host_that_went_away_is_a_warning_not_a_trac
     await layer.connection(1).ping()  # a pooled connection to the second server, which then goes away
     await asyncio.to_thread(second_redis.stop)
     try:
-        with caplog.at_level(logging.WARNING, logger="project.layers"):
+        with caplog.at_level(logging.WARNING, logger="notifications.layers"):
             await layer._clean_receive_backup(1, "specific.x!")
         assert "could not remove a received message's backup copy on host 1: ConnectionError" in caplog.text
     finally:
