@@ -1008,7 +1008,7 @@ def test_ws_ticket_is_issued_for_the_caller(client, alice, alice_token):
 
 
 def test_ws_ticket_lifetime_follows_settings(client, settings, alice_token):
-    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "TICKET_TTL_SECONDS": 5}
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "WS_TICKET_TTL": 5}
     assert call(client, "post", TICKET, alice_token).json()["expires_in"] == 5
 
 
