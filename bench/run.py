@@ -1,6 +1,6 @@
 """The benchmark of issue 9: the product against a tutorial Channels app and raw ``websockets``.
 
-    .venv/bin/python bench/run.py               # the short run (make bench, about 2.5 minutes, with the storm rows at 500 clients)
+    .venv/bin/python bench/run.py               # the short run (make bench, about 2.5 minutes; storm rows at 500)
     .venv/bin/python bench/run.py --full        # every scenario of docs/performance.md (about 15 minutes)
     .venv/bin/python bench/run.py --only broadcast --n 1000 --targets product,product-daphne --rates 10,100
     .venv/bin/python bench/run.py --only storm --n 2000   # issue 14: connect and resume storms, API, batch

@@ -9,9 +9,8 @@ import logging
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.exceptions import PermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, JsonResponse
@@ -25,7 +24,7 @@ from ninja.utils import check_csrf
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, create_model
 from pydantic import ValidationError as PydanticValidationError
 
-from . import selectors, services, throttle
+from . import conf, selectors, services, throttle
 from .auth import (
     TOO_MANY_FAILURES,
     AuthFailure,
@@ -35,7 +34,7 @@ from .auth import (
     ticket_issue,
     token_authenticate,
 )
-from .http import API_PREFIX, error_body
+from .http import error_body
 from .models import Notification, Topic
 from .net import request_client_ip
 from .protocol import is_storable_text, notification_payload
@@ -55,48 +54,6 @@ class ApiError(Exception):
 
 def error_response(status: int, code: str, message: str, fields: dict | None = None) -> JsonResponse:
     return JsonResponse(error_body(code, message, fields), status=status)
-
-
-class ApiErrorMiddleware:
-    """Under ``/api/``: refuse oversize (413) and non-JSON (415) bodies, and turn Django's own
-    404/405/500 pages into JSON errors, so API clients never see HTML."""
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request: HttpRequest):
-        if not request.path.startswith(API_PREFIX):
-            return self.get_response(request)
-        limit = settings.NOTIFICATIONS["API_MAX_BODY_BYTES"]
-        try:
-            length = int(request.headers.get("Content-Length") or 0)
-        except ValueError:
-            return error_response(400, "bad_request", "Content-Length is not a number.")
-        try:
-            too_large = length > limit or len(request.body) > limit
-        except RequestDataTooBig:
-            too_large = True
-        if too_large:
-            return error_response(413, "body_too_large", f"Request bodies are limited to {limit} bytes.")
-        content_type = request.content_type or ""
-        if request.body and content_type not in JSON_CONTENT_TYPES:
-            return error_response(415, "unsupported_media_type", "Send the body as application/json.")
-        if request.method not in ("GET", "HEAD") and not request.path.endswith("/"):
-            # CommonMiddleware would redirect (clients replay the write as a GET) or, with DEBUG, fail.
-            return error_response(404, "not_found", "No such API endpoint (API paths end with '/').")
-        response = self.get_response(request)
-        if response.status_code in (404, 405) and response.get("Content-Type", "").startswith("text/html"):
-            if response.status_code == 404:
-                return error_response(404, "not_found", "No such API endpoint.")
-            refusal = error_response(405, "method_not_allowed", f"Method {request.method} is not allowed here.")
-            refusal["Allow"] = response.get("Allow", "")
-            return refusal
-        return response
-
-    def process_exception(self, request, exception):
-        if request.path.startswith(API_PREFIX):
-            return error_response(500, "server_error", "The server failed to handle this request.")
-        return None
 
 
 class ApiAuth(HttpBearer):
@@ -612,7 +569,7 @@ def unfollow(request, slug: str):
 
 @api.post("/ws-ticket/", response={201: TicketOut, **ERRORS}, summary="A one-time WebSocket ticket")
 def ws_ticket(request):
-    limit = settings.NOTIFICATIONS["TICKETS_PER_MINUTE"]
+    limit = conf.settings.TICKETS_PER_MINUTE
     if not throttle.hit("ticket", str(request.auth.pk), limit=limit):
         raise ApiError(429, "too_many_tickets", f"At most {limit} tickets per minute; reuse the connection.")
     ticket, ttl = ticket_issue(user=request.auth)

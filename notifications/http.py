@@ -1,11 +1,13 @@
 """HTTP protections around the Django application: request body limits enforced before a body
 is read, and a Content-Security-Policy on the service's HTML pages.
 
-``BodyLimitMiddleware`` is ASGI middleware (``project/asgi.py`` wraps the Django HTTP app in
-it): Django's ``ASGIHandler`` reads a whole body, to a temporary file, before any Django
-middleware runs, so a limit checked there comes after the upload. The limits:
+``BodyLimitMiddleware`` is ASGI middleware (``notifications.asgi.notifications_application``
+wraps the host's Django HTTP app in it): Django's ``ASGIHandler`` reads a whole body, to a
+temporary file, before any Django middleware runs, so a limit checked there comes after the
+upload. The limits:
 
-- under ``/api/``: ``NOTIFICATIONS["API_MAX_BODY_BYTES"]`` (256 KiB), the REST API's own;
+- under the REST API (``/api/`` here; wherever the host includes ``notifications.urls``):
+  ``NOTIFICATIONS["API_MAX_BODY_BYTES"]`` (256 KiB), the API's own;
 - elsewhere (the login form, the admin): ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (Django's 2.5 MiB),
   the size Django itself refuses for a non-file body. The service takes no file uploads, so
   nothing larger is legitimate; ``None`` turns the limit off there, as it does in Django.
@@ -21,8 +23,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.utils.deprecation import MiddlewareMixin
 
-# The REST API's prefix (notifications.api.ApiErrorMiddleware uses it too).
-API_PREFIX = "/api/"
+from . import conf
 
 # Only this origin, and no inline scripts or styles: the pages' scripts and styles are static files
 # (Django's admin in 5.2 too, but for a <style> block in the change list of a ModelAdmin without
@@ -43,8 +44,10 @@ CONTENT_SECURITY_POLICY = "; ".join([
 
 def body_limit(path: str) -> int | None:
     """The largest request body accepted at ``path``, in bytes (``None``: no limit)."""
-    if path.startswith(API_PREFIX):
-        return settings.NOTIFICATIONS["API_MAX_BODY_BYTES"]
+    from .urls import api_root  # (imports the API, which imports this module)
+
+    if path.startswith(api_root()):
+        return conf.settings.API_MAX_BODY_BYTES
     return settings.DATA_UPLOAD_MAX_MEMORY_SIZE
 
 

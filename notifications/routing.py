@@ -1,4 +1,4 @@
-"""WebSocket URL routes of the notifications app; include them in the project's ASGI router."""
+"""WebSocket URL routes of the notifications app (``notifications.asgi`` puts them in the host's ASGI router)."""
 
 import asyncio
 import contextlib
@@ -8,6 +8,8 @@ from django.urls import path, re_path
 
 from .consumers import NotificationConsumer
 
+# The one WebSocket endpoint (notifications.asgi routes it; the page connects to it).
+WS_PATH = "/ws/notifications/"
 UNKNOWN_PATH_BODY = json.dumps({"error": {
     "code": "not_found", "message": "No WebSocket endpoint at this path; connect to /ws/notifications/."}}).encode()
 # Seconds a refused handshake waits for the server to report the connection lost (see below).
@@ -35,7 +37,7 @@ async def unknown_path(scope, receive, send) -> None:
 
 
 websocket_urlpatterns = [
-    path("ws/notifications/", NotificationConsumer.as_asgi()),
+    path(WS_PATH.lstrip("/"), NotificationConsumer.as_asgi()),
     # Last: every other path. An ASGI app, not the Django view django-stubs expect in a route.
     re_path(r"", unknown_path),  # type: ignore[arg-type]
 ]

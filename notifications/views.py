@@ -5,15 +5,25 @@ files: ``client.js`` (the protocol client, reusable on any site) and ``page.js``
 interface).
 """
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import render, resolve_url
 from django.views.decorators.csrf import ensure_csrf_cookie
+
+from .http import CONTENT_SECURITY_POLICY
+from .routing import WS_PATH
 
 
 @login_required
 @ensure_csrf_cookie  # client.js sends the csrftoken cookie as X-CSRFToken on REST writes
 def index(request: HttpRequest) -> HttpResponse:
     """Render the notifications page for the signed-in user."""
-    client_config = {"url": "/ws/notifications/", "apiUrl": "/api/"}
-    return render(request, "notifications/index.html", {"client_config": client_config})
+    from .urls import api_root  # (the URLconf imports this module)
+
+    client_config = {"url": WS_PATH, "apiUrl": api_root()}  # wherever the host mounted them
+    context = {"client_config": client_config, "login_url": resolve_url(settings.LOGIN_URL)}
+    response = render(request, "notifications/index.html", context)
+    # The page's own policy, with or without the project's middleware (a host adds none).
+    response["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    return response

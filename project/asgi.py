@@ -10,19 +10,8 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings")
 django_asgi_app = get_asgi_application()  # set up Django before importing consumers
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from notifications.asgi import notifications_application  # noqa: E402
 
-from notifications.auth import WebSocketAuthMiddlewareStack  # noqa: E402
-from notifications.http import BodyLimitMiddleware  # noqa: E402
-from notifications.lifespan import lifespan  # noqa: E402
-from notifications.routing import websocket_urlpatterns  # noqa: E402
-
-# No AllowedHostsOriginValidator here: it refuses native clients that send no Origin.
-# Origin is checked where it matters, for cookie-authenticated handshakes (notifications.auth).
-application = ProtocolTypeRouter(
-    {
-        "http": BodyLimitMiddleware(django_asgi_app),  # oversize bodies refused before Django reads them
-        "websocket": WebSocketAuthMiddlewareStack(URLRouter(websocket_urlpatterns)),
-        "lifespan": lifespan,
-    }
-)
+# HTTP to Django (oversize bodies refused before Django reads them), WebSocket to the app's
+# routes behind its authentication, and the app's lifespan (docs/install.md).
+application = notifications_application(django_asgi_app)

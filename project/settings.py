@@ -10,6 +10,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from notifications.conf import DEFAULTS as app_defaults
 from project.layers import parse_master_names, parse_redis_urls, parse_sentinels, redis_channel_layer
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -47,7 +48,6 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",  # static files, also with DEBUG=0 (below)
     "django.contrib.sessions.middleware.SessionMiddleware",
-    "notifications.api.ApiErrorMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -107,8 +107,9 @@ else:
     # One test database per test run, so parallel runs on one server do not collide.
     DATABASES["default"]["TEST"] = {"NAME": f"test_{DATABASES['default']['NAME']}_{os.getpid()}"}
 
-# One Redis URL, or several comma-separated: shards of the channel layer and of presence
-# (docs/deployment.md, "Several Redis servers"). REDIS_URLS is the checked list.
+# Redis: variables of this project, turned into CHANNEL_LAYERS (the app's presence uses the layer's
+# hosts) and CACHES below. One Redis URL, or several comma-separated: shards of the channel layer
+# and of presence (docs/deployment.md, "Several Redis servers"). REDIS_URLS is the checked list.
 REDIS_URL = env.str("REDIS_URL", default="")
 REDIS_URLS = parse_redis_urls(REDIS_URL)
 # Redis Sentinel instead of URLs (docs/deployment.md): "host:port,host:port" and the master's name,
@@ -118,7 +119,8 @@ REDIS_SENTINEL_MASTER = env.str("REDIS_SENTINEL_MASTER", default="")
 REDIS_SENTINEL_MASTERS = parse_master_names(REDIS_SENTINEL_MASTER)
 REDIS_SENTINEL_DB = env.int("REDIS_SENTINEL_DB", default=0)
 REDIS_SENTINEL_PASSWORD = env.str("REDIS_SENTINEL_PASSWORD", default="")
-# The namespace of every Redis key the service writes: channel layer, cache (throttles), presence.
+# The namespace of every Redis key the service writes: channel layer, cache (throttles), presence
+# (the app takes the channel layer's).
 # Deployments sharing one Redis (staging and production, two sites) need different prefixes.
 # CHANNELS_PREFIX is its older name, still read when REDIS_PREFIX is not set.
 REDIS_PREFIX = env.str("REDIS_PREFIX", default=env.str("CHANNELS_PREFIX", default="notifications"))
@@ -176,62 +178,39 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/"
 
-# The notification service's own settings (see README, "Configuration").
+# The notifications app's settings: every key of notifications/conf.py that a variable of the
+# README's table sets (each feeds the key of the same name), the app's default where it is unset.
+# notifications/conf.py says what each does. Not here: Redis, which the app reads from
+# CHANNEL_LAYERS (presence shares the channel layer's hosts and prefix).
 NOTIFICATIONS = {
-    # Origins allowed for cookie-authenticated WebSocket handshakes, besides ALLOWED_HOSTS.
-    "WS_ALLOWED_ORIGINS": env.list("WS_ALLOWED_ORIGINS", default=[]),
-    # Largest client WebSocket frame accepted; larger frames close the socket with 1009.
-    "WS_MAX_FRAME_BYTES": env.int("WS_MAX_FRAME_BYTES", default=64 * 1024),
-    # Client frames per second per connection (average, and burst); more get 'rate_limited'.
-    "WS_RATE": env.float("WS_RATE", default=10.0),
-    "WS_BURST": env.int("WS_BURST", default=30),
-    # Open connections per user in one server process; a new one closes the oldest (4005).
-    "WS_MAX_CONNECTIONS_PER_USER": env.int("WS_MAX_CONNECTIONS_PER_USER", default=20),
-    # Failed credentials (tokens, tickets, passwords) per client address per minute before 429/4029.
-    "AUTH_FAILURES_PER_MINUTE": env.int("AUTH_FAILURES_PER_MINUTE", default=20),
-    # WebSocket tickets one user may request per minute.
-    "TICKETS_PER_MINUTE": env.int("TICKETS_PER_MINUTE", default=30),
-    # Topics one connection may follow.
-    "WS_MAX_TOPICS": env.int("WS_MAX_TOPICS", default=100),
-    # Frames queued for one connection before it counts as a slow consumer (closed with 4008).
-    "WS_MAX_QUEUED_FRAMES": env.int("WS_MAX_QUEUED_FRAMES", default=1000),
-    # Resume: how far back a reconnecting client can catch up (seconds, and notifications).
-    "REPLAY_MAX_AGE": env.int("REPLAY_MAX_AGE", default=7 * 24 * 3600),
-    "REPLAY_MAX_COUNT": env.int("REPLAY_MAX_COUNT", default=500),
-    # The hub: how long an early notification waits for a missing earlier one before the
-    # store is read (seconds), and how often the stream head is checked for lost pushes.
-    "HUB_GAP_WAIT": env.float("HUB_GAP_WAIT", default=0.2),
-    "HUB_SYNC_INTERVAL": env.float("HUB_SYNC_INTERVAL", default=2.0),
-    # Threads per process for the database work of handshakes, resumes and the hub (each with its
-    # own connection): notifications/db.py.
-    "DB_THREADS": env.int("DB_THREADS", default=2),
-    # Database calls waiting for those threads beyond which a handshake is refused at once
-    # (error "overloaded" with retry_after, close 4013).
-    "DB_MAX_BACKLOG": env.int("DB_MAX_BACKLOG", default=1000),
-    # Seconds a send waits for its push to reach the channel layer; then the push is dropped (stored: hubs read it).
-    "PUSH_TIMEOUT": env.float("PUSH_TIMEOUT", default=1.0),
-    # Seconds an idempotency key (notification_send(idempotency_key=...), Idempotency-Key header) is kept.
-    "IDEMPOTENCY_TTL": env.int("IDEMPOTENCY_TTL", default=24 * 3600),
-    # Largest REST API request body; larger bodies get 413.
-    "API_MAX_BODY_BYTES": env.int("API_MAX_BODY_BYTES", default=256 * 1024),
-    # Seconds a WebSocket ticket from POST /api/ws-ticket/ stays valid.
-    "TICKET_TTL_SECONDS": env.int("WS_TICKET_TTL", default=30),
-    # Proxies whose X-Forwarded-For / X-Real-IP headers are believed (addresses or networks).
-    "TRUSTED_PROXIES": env.list("TRUSTED_PROXIES", default=[]),
-    # Where "who is online" lives: shared in Redis when REDIS_URL is set, else this process only.
-    "PRESENCE_BACKEND": env.str(
-        "PRESENCE_BACKEND",
-        default="notifications.presence.RedisPresence"
-        if REDIS_URLS or REDIS_SENTINELS
-        else "notifications.presence.LocalPresence",
-    ),
-    # The namespace of the presence keys in Redis (the same prefix as the channel layer and cache).
-    "REDIS_PREFIX": REDIS_PREFIX,
-    # Seconds after which a connection of a crashed process disappears from "who is online".
-    "PRESENCE_TTL": env.int("PRESENCE_TTL", default=45),
-    # This server process's name in presence listings (default: host name and process id).
-    "SERVER_ID": env.str("SERVER_ID", default=""),
-    # Add "send a notification" and "disconnect" to the User admin (the app leaves it alone by default).
+    "WS_ALLOWED_ORIGINS": env.list("WS_ALLOWED_ORIGINS", default=app_defaults["WS_ALLOWED_ORIGINS"]),
+    "WS_MAX_FRAME_BYTES": env.int("WS_MAX_FRAME_BYTES", default=app_defaults["WS_MAX_FRAME_BYTES"]),
+    "WS_RATE": env.float("WS_RATE", default=app_defaults["WS_RATE"]),
+    "WS_BURST": env.int("WS_BURST", default=app_defaults["WS_BURST"]),
+    "WS_MAX_CONNECTIONS_PER_USER": env.int("WS_MAX_CONNECTIONS_PER_USER",
+                                           default=app_defaults["WS_MAX_CONNECTIONS_PER_USER"]),
+    "AUTH_FAILURES_PER_MINUTE": env.int("AUTH_FAILURES_PER_MINUTE", default=app_defaults["AUTH_FAILURES_PER_MINUTE"]),
+    "TICKETS_PER_MINUTE": env.int("TICKETS_PER_MINUTE", default=app_defaults["TICKETS_PER_MINUTE"]),
+    "WS_MAX_TOPICS": env.int("WS_MAX_TOPICS", default=app_defaults["WS_MAX_TOPICS"]),
+    "WS_MAX_QUEUED_FRAMES": env.int("WS_MAX_QUEUED_FRAMES", default=app_defaults["WS_MAX_QUEUED_FRAMES"]),
+    "REPLAY_MAX_AGE": env.int("REPLAY_MAX_AGE", default=app_defaults["REPLAY_MAX_AGE"]),
+    "REPLAY_MAX_COUNT": env.int("REPLAY_MAX_COUNT", default=app_defaults["REPLAY_MAX_COUNT"]),
+    "HUB_GAP_WAIT": env.float("HUB_GAP_WAIT", default=app_defaults["HUB_GAP_WAIT"]),
+    "HUB_SYNC_INTERVAL": env.float("HUB_SYNC_INTERVAL", default=app_defaults["HUB_SYNC_INTERVAL"]),
+    "DB_THREADS": env.int("DB_THREADS", default=app_defaults["DB_THREADS"]),
+    "DB_MAX_BACKLOG": env.int("DB_MAX_BACKLOG", default=app_defaults["DB_MAX_BACKLOG"]),
+    "PUSH_TIMEOUT": env.float("PUSH_TIMEOUT", default=app_defaults["PUSH_TIMEOUT"]),
+    "IDEMPOTENCY_TTL": env.int("IDEMPOTENCY_TTL", default=app_defaults["IDEMPOTENCY_TTL"]),
+    "API_MAX_BODY_BYTES": env.int("API_MAX_BODY_BYTES", default=app_defaults["API_MAX_BODY_BYTES"]),
+    "WS_TICKET_TTL": env.int("WS_TICKET_TTL", default=app_defaults["WS_TICKET_TTL"]),
+    "TRUSTED_PROXIES": env.list("TRUSTED_PROXIES", default=app_defaults["TRUSTED_PROXIES"]),
+    # Unset: RedisPresence with a Redis channel layer, else LocalPresence.
+    "PRESENCE_BACKEND": env.str("PRESENCE_BACKEND", default=app_defaults["PRESENCE_BACKEND"]),
+    "PRESENCE_TTL": env.int("PRESENCE_TTL", default=app_defaults["PRESENCE_TTL"]),
+    "SERVER_ID": env.str("SERVER_ID", default=app_defaults["SERVER_ID"]),
+    "METRICS_ALLOWED_IPS": env.list("METRICS_ALLOWED_IPS", default=app_defaults["METRICS_ALLOWED_IPS"]),
+    "METRICS_TOKEN": env.str("METRICS_TOKEN", default=app_defaults["METRICS_TOKEN"]),
+    # This project's admin adds "send a notification" and "disconnect" to its User admin.
     "USER_ADMIN_ACTIONS": True,
 }
 
@@ -256,12 +235,6 @@ if NOTIFICATIONS["TRUSTED_PROXIES"]:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     MIDDLEWARE = ["notifications.net.ForwardedProtoMiddleware", *MIDDLEWARE]
 # ---- End of production security ---------------------------------------------------------------
-
-# GET /metrics (Prometheus): allowed from these client addresses or networks ("unix" allows a
-# Unix-socket peer), or with "Authorization: Bearer <METRICS_TOKEN>". The client address is the
-# one behind TRUSTED_PROXIES. Several processes: PROMETHEUS_MULTIPROC_DIR (bin/serve sets it).
-METRICS_ALLOWED_IPS = env.list("METRICS_ALLOWED_IPS", default=["127.0.0.1", "::1"])
-METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 
 # Logs: one line per record on stderr, "plain" text or "json" (one object per line). Both
 # formats redact tokens, tickets, cookies and passwords (notifications.logs).
