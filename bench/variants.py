@@ -63,9 +63,9 @@ if "before" in VARIANTS:
 
     from django.core.cache import cache
 
-    from notifications import throttle
+    from notifications import rate_limits
 
-    throttle._cache = lambda: cache  # Django's per-context cache: a Redis connection per socket
+    rate_limits._cache = lambda: cache  # Django's per-context cache: a Redis connection per socket
 
 from project.asgi import application  # noqa: E402, I001 (sets Django up: before any app module)
 from notifications import hub  # noqa: E402

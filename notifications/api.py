@@ -24,7 +24,7 @@ from ninja.utils import check_csrf
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, create_model
 from pydantic import ValidationError as PydanticValidationError
 
-from . import conf, selectors, services, throttle
+from . import conf, rate_limits, selectors, services
 from .auth import (
     TOO_MANY_FAILURES,
     AuthFailure,
@@ -36,8 +36,8 @@ from .auth import (
 )
 from .http import error_body
 from .models import Notification, Topic
-from .net import request_client_ip
 from .protocol import is_storable_text, notification_payload
+from .proxies import request_client_ip
 
 logger = logging.getLogger(__name__)
 
@@ -570,7 +570,7 @@ def unfollow(request, slug: str):
 @api.post("/ws-ticket/", response={201: TicketOut, **ERRORS}, summary="A one-time WebSocket ticket")
 def ws_ticket(request):
     limit = conf.settings.TICKETS_PER_MINUTE
-    if not throttle.hit("ticket", str(request.auth.pk), limit=limit):
+    if not rate_limits.hit("ticket", str(request.auth.pk), limit=limit):
         raise ApiError(429, "too_many_tickets", f"At most {limit} tickets per minute; reuse the connection.")
     ticket, ttl = ticket_issue(user=request.auth)
     return Status(201, {"ticket": ticket, "expires_in": ttl, "url": f"/ws/notifications/?ticket={ticket}"})

@@ -32,12 +32,12 @@ from django.db.models import ManyToManyField
 from django.http.request import validate_host
 from django.utils import timezone
 
-from . import conf, db, protocol, push, throttle
+from . import conf, db, protocol, push, rate_limits
 from .db import database_sync_to_async
 from .models import ApiToken, Follow, Topic, WsTicket
-from .net import scope_client_ip
+from .outage_log import OutageLog
+from .proxies import scope_client_ip
 from .rows import Columns
-from .throttled_log import ThrottledLog
 
 TOKEN_PREFIX = "ntf"  # noqa: S105 - the public part of every token, not a secret
 TICKET_PREFIX = "tkt"
@@ -72,13 +72,13 @@ TOO_MANY_FAILURES = AuthFailure(
 STORE_UNAVAILABLE = AuthFailure(
     "unavailable", "The server cannot check credentials right now; try again later.", protocol.CLOSE_TRY_AGAIN_LATER
 )
-unavailable = ThrottledLog(logging.getLogger(__name__))
+unavailable = OutageLog(logging.getLogger(__name__))
 
 
 def failure_seen(address: str) -> bool:
     """Count a failed token or ticket from ``address``; False once the address is over the limit
     (the failure is then answered ``too_many_failures``: 429, or close 4029)."""
-    return throttle.hit("auth", address, limit=conf.settings.AUTH_FAILURES_PER_MINUTE)
+    return rate_limits.hit("auth", address, limit=conf.settings.AUTH_FAILURES_PER_MINUTE)
 
 
 def counted(failure: AuthFailure, address: str) -> AuthFailure:

@@ -19,19 +19,20 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.core.exceptions import PermissionDenied
 from django.db import InterfaceError, OperationalError
 
-from . import conf, db, metrics, observe, protocol, resume, selectors, services, streams
+from . import conf, connection_events, db, metrics, protocol, resume, selectors, services, streams
 from .auth import ALL_SESSIONS
 from .db import database_sync_to_async
 from .hub import Hub, get_hub
 from .models import Notification, Topic
-from .net import scope_client_ip, scope_headers
+from .outage_log import OutageLog
 from .outbox import Outbox
 from .presence import Connection, get_presence
 from .protocol import ProtocolError
-from .throttled_log import ThrottledLog
+from .proxies import scope_client_ip, scope_headers
+from .rate_limits import TokenBucket
 
 logger = logging.getLogger(__name__)
-store_failures = ThrottledLog(logger)
+store_failures = OutageLog(logger)
 
 
 def server_id() -> str:
@@ -76,7 +77,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         await self.accept(protocol.SUBPROTOCOL if protocol.SUBPROTOCOL in offered else None)
         failure = self.scope.get("auth_error")
         if failure is not None:
-            observe.refused(self, failure.code, failure.close_code)
+            connection_events.refused(self, failure.code, failure.close_code)
             retry_after = failure.retry_after
             if retry_after is None and failure.close_code == protocol.CLOSE_TRY_AGAIN_LATER:
                 retry_after = db.retry_after()
@@ -88,7 +89,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
             since = _resume_request(query)
             self.hub = await get_hub()
         except ProtocolError as error:
-            observe.refused(self, error.code, protocol.CLOSE_BAD_REQUEST)
+            connection_events.refused(self, error.code, protocol.CLOSE_BAD_REQUEST)
             await self.send_frame(error.frame())
             await self.close(code=protocol.CLOSE_BAD_REQUEST)
             return
@@ -115,7 +116,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         except Exception as exc:  # joining a stream's group: the channel layer
             await self._refuse_unavailable("channel layer", exc)
             return
-        observe.connected(self)
+        connection_events.connected(self)
         for oldest in self.hub.oldest_over_limit(user.pk, self.max_connections):
             oldest.consumer.close_replaced()
         # Counted up to the cursor: every later notification arrives live and adds one.
@@ -148,7 +149,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     async def _refuse_old_protocol(self, offered: list[str]):
         """A client of a version this server no longer serves: say which one it does (4426)."""
         await self.accept(next(old for old in offered if old in protocol.OLD_SUBPROTOCOLS))
-        observe.refused(self, protocol.UNSUPPORTED_PROTOCOL, protocol.CLOSE_UNSUPPORTED_PROTOCOL)
+        connection_events.refused(self, protocol.UNSUPPORTED_PROTOCOL, protocol.CLOSE_UNSUPPORTED_PROTOCOL)
         message = (f"This server speaks {protocol.SUBPROTOCOL} (cursors per stream); update the client "
                    "(docs/protocol.md).")
         await self.send_frame(protocol.error_frame(protocol.UNSUPPORTED_PROTOCOL, message))
@@ -157,13 +158,13 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     async def _refuse_unavailable(self, dependency: str, exc: Exception):
         """A dependency is down: tell the client to come back later (4013); one log line per outage."""
         store_failures.failure(f"cannot serve connections: {dependency} unavailable", exc)
-        observe.refused(self, protocol.UNAVAILABLE, protocol.CLOSE_TRY_AGAIN_LATER)
+        connection_events.refused(self, protocol.UNAVAILABLE, protocol.CLOSE_TRY_AGAIN_LATER)
         frame = protocol.error_frame(protocol.UNAVAILABLE, "Try again later.", retry_after=db.retry_after())
         await self.send_frame(frame)
         await self.close(code=protocol.CLOSE_TRY_AGAIN_LATER)
 
     async def disconnect(self, code):
-        observe.disconnected(self, code)
+        connection_events.disconnected(self, code)
         if self.outbox is not None:
             self.hub.unregister(self.outbox)
             await get_presence().remove(self.connection_id)
@@ -385,7 +386,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     # Helpers
 
     async def send_frame(self, frame: dict):
-        observe.frame_out(self, frame)
+        connection_events.frame_out(self, frame)
         await self.send(text_data=protocol.encode(frame))
 
     @staticmethod
@@ -449,24 +450,6 @@ class NotificationConsumer(AsyncWebsocketConsumer):
     @database_sync_to_async
     def _mark_all_read(self) -> int:
         return services.notification_mark_all_read(user=self.user)
-
-
-class TokenBucket:
-    """``rate`` requests per second on average, ``burst`` at once."""
-
-    def __init__(self, *, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 def _resume_request(query: dict) -> dict[str, int] | None:

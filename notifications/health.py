@@ -5,7 +5,7 @@
   channel layer (Redis in production); 503 naming the dependency that failed:
   ``{"status": "unavailable", "checks": {"database": "ok", "channel_layer": "error"}}``.
   What failed (an error names hosts, ports, the database) goes to the log, once per kind of
-  failure (``ThrottledLog``), and to clients allowed to read ``/metrics``, as ``"details"``.
+  failure (``OutageLog``), and to clients allowed to read ``/metrics``, as ``"details"``.
 """
 
 import asyncio
@@ -21,11 +21,11 @@ from django.views.decorators.http import require_GET
 
 from .layers import channel_layer
 from .metrics import metrics_allowed
-from .throttled_log import ThrottledLog
+from .outage_log import OutageLog
 
 CHECK_TIMEOUT = 2.0
 # WARNING: the component that uses the dependency logs its own failures at ERROR.
-failures = ThrottledLog(logging.getLogger(__name__), level=logging.WARNING)
+failures = OutageLog(logging.getLogger(__name__), level=logging.WARNING)
 
 
 @never_cache

@@ -29,13 +29,13 @@ from channels_redis.core import RedisChannelLayer
 from . import conf, metrics, protocol, selectors, streams, transport
 from .db import database_sync_to_async
 from .layers import channel_layer
+from .outage_log import OutageLog
 from .outbox import Outbox
 from .registry import Registry
 from .sequencer import Sequencer
-from .throttled_log import ThrottledLog
 
 logger = logging.getLogger(__name__)
-failures = ThrottledLog(logger)
+failures = OutageLog(logger)
 
 # Seconds a stream stays joined after its last local socket went.
 LEAVE_AFTER = 30.0

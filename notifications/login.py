@@ -17,8 +17,8 @@ from django.dispatch import receiver
 from django.http import HttpResponse
 from django.utils.decorators import method_decorator
 
-from . import conf, throttle
-from .net import request_client_ip
+from . import conf, rate_limits
+from .proxies import request_client_ip
 
 TOO_MANY_PASSWORDS = "Too many failed logins for this user from your address; wait a minute."
 
@@ -35,7 +35,7 @@ def _limit() -> int:
 @receiver(user_login_failed, dispatch_uid="notifications.login_failed")
 def _count_failure(sender, credentials, request=None, **kwargs):
     if request is not None:
-        throttle.hit("login", _pair(request, str(credentials.get("username", ""))), limit=_limit())
+        rate_limits.hit("login", _pair(request, str(credentials.get("username", ""))), limit=_limit())
 
 
 def throttle_login(view):
@@ -43,7 +43,7 @@ def throttle_login(view):
 
     @wraps(view)
     def throttled(request, *args, **kwargs):
-        if request.method == "POST" and throttle.blocked(
+        if request.method == "POST" and rate_limits.blocked(
             "login", _pair(request, request.POST.get("username", "")), limit=_limit()
         ):
             return HttpResponse(TOO_MANY_PASSWORDS, status=429, content_type="text/plain")

@@ -16,6 +16,7 @@ default; the address behind ``TRUSTED_PROXIES``) or that send
 
 import hmac
 import ipaddress
+import logging
 import os
 import re
 
@@ -35,7 +36,7 @@ from prometheus_client import (
 )
 
 from . import conf
-from .net import client_ip
+from .proxies import client_ip
 
 MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
 disable_created_metrics()  # no "_created" twin of every counter (multi-process mode has none either)
@@ -232,3 +233,21 @@ def metrics_view(request):
         return JsonResponse({"error": {"code": "forbidden", "message": message}}, status=403)
     return HttpResponse(exposition(), content_type=CONTENT_TYPE_LATEST)
 
+
+# channels-redis logs the messages group_send dropped; settings route its logger here too.
+_OVER_CAPACITY = re.compile(r"^(\d+) of \d+ channels over capacity")
+
+
+class OverCapacityHandler(logging.Handler):
+    """Count channels-redis' ``"%s of %s channels over capacity in group %s"`` lines (messages
+    ``group_send`` dropped) in ``notifications_channel_layer_over_capacity_total``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not isinstance(record.msg, str) or "over capacity" not in record.msg:
+            return
+        try:
+            match = _OVER_CAPACITY.match(record.getMessage())
+        except Exception:  # a malformed record must not break logging
+            return
+        if match:
+            over_capacity(int(match.group(1)))

@@ -21,10 +21,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from . import metrics
-from .throttled_log import ThrottledLog
+from .outage_log import OutageLog
 
 logger = logging.getLogger(__name__)
-failures = ThrottledLog(logger)
+failures = OutageLog(logger)
 STORE_FAILED = "hub could not read missed notifications from the store"
 
 

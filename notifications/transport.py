@@ -43,10 +43,10 @@ from channels_redis.core import RedisChannelLayer
 
 from . import conf, metrics
 from .layers import channel_layer
-from .throttled_log import ThrottledLog
+from .outage_log import OutageLog
 
 logger = logging.getLogger(__name__)
-failures = ThrottledLog(logger)
+failures = OutageLog(logger)
 FAILED = "push failed (stored; hubs will read it from the store)"
 
 Messages = Sequence[tuple[str, dict]]

@@ -141,7 +141,7 @@ else:
     # One process only: `manage.py check` warns (notifications.W001) when DEBUG=0.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
-# Throttle counters (notifications/throttle.py) must be shared by every server process.
+# Throttle counters (notifications/rate_limits.py) must be shared by every server process.
 # Only the first of several REDIS_URLs: Django's RedisCache takes a list as one primary (writes)
 # and read replicas (reads at random), not as shards, so counters would be read where they were
 # never written. The counters are few and short-lived; with that server down, throttles fail open.
@@ -233,11 +233,11 @@ if NOTIFICATIONS["TRUSTED_PROXIES"]:
     # Behind a TLS-terminating proxy: its X-Forwarded-Proto says whether the client used https.
     # Believed only from TRUSTED_PROXIES: the middleware drops the header from any other peer.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-    MIDDLEWARE = ["notifications.net.ForwardedProtoMiddleware", *MIDDLEWARE]
+    MIDDLEWARE = ["notifications.proxies.ForwardedProtoMiddleware", *MIDDLEWARE]
 # ---- End of production security ---------------------------------------------------------------
 
 # Logs: one line per record on stderr, "plain" text or "json" (one object per line). Both
-# formats redact tokens, tickets, cookies and passwords (notifications.logs).
+# formats redact tokens, tickets, cookies and passwords (notifications.log_formats).
 LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
 if LOG_FORMAT not in ("plain", "json"):
     raise ImproperlyConfigured(f"LOG_FORMAT must be 'plain' or 'json', not {LOG_FORMAT!r}.")
@@ -247,15 +247,15 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {
-            "()": "notifications.logs.PlainFormatter",
+            "()": "notifications.log_formats.PlainFormatter",
             "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
         },
-        "json": {"()": "notifications.logs.JsonFormatter"},
+        "json": {"()": "notifications.log_formats.JsonFormatter"},
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
         # Counts channels-redis' "N of M channels over capacity" lines (a metric; the line still logs).
-        "over_capacity": {"class": "notifications.logs.OverCapacityHandler"},
+        "over_capacity": {"class": "notifications.metrics.OverCapacityHandler"},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {

@@ -65,7 +65,7 @@ def test_the_proxy_scheme_header_is_used_only_when_trusted_proxies_are_configure
     assert (direct["secure_cookies"], direct["redirect"], direct["hsts"]) == ([True, True], True, 31536000)
     proxied = _settings(**PRODUCTION, TRUSTED_PROXIES="127.0.0.1", CSRF_TRUSTED_ORIGINS="https://app.example.com")
     assert proxied["proxy_header"] == ["HTTP_X_FORWARDED_PROTO", "https"]
-    assert proxied["first_middleware"] == "notifications.net.ForwardedProtoMiddleware"
+    assert proxied["first_middleware"] == "notifications.proxies.ForwardedProtoMiddleware"
     assert proxied["csrf_origins"] == ["https://app.example.com"]
     development = _settings(DEBUG="1")
     assert (development["secure_cookies"], development["redirect"], development["hsts"]) == ([False, False], False, 0)
@@ -75,7 +75,7 @@ def test_the_proxy_scheme_header_is_used_only_when_trusted_proxies_are_configure
 def behind_proxy(settings):
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "TRUSTED_PROXIES": ["10.0.0.0/8"]}
     settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
-    settings.MIDDLEWARE = ["notifications.net.ForwardedProtoMiddleware", *settings.MIDDLEWARE]
+    settings.MIDDLEWARE = ["notifications.proxies.ForwardedProtoMiddleware", *settings.MIDDLEWARE]
     settings.SECURE_SSL_REDIRECT = True
     settings.SECURE_HSTS_SECONDS = 3600
     settings.ALLOWED_HOSTS = ["notify.example.com"]

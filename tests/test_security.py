@@ -381,7 +381,7 @@ def test_password_guessing_for_one_user_does_not_lock_out_another_behind_the_sam
 
 def test_deployments_sharing_a_redis_do_not_share_throttles_or_presence(redis_url, settings):
     """Staging's failed logins must not lock out production on the same Redis (REDIS_PREFIX)."""
-    from notifications import throttle
+    from notifications import rate_limits
     from notifications.presence import Connection, RedisPresence
 
     run = uuid.uuid4().hex[:8]
@@ -399,7 +399,7 @@ def test_deployments_sharing_a_redis_do_not_share_throttles_or_presence(redis_ur
     async_to_sync(staging.add)(record)
     deployment(f"production-{run}")
     assert auth.failure_seen("203.0.113.9") is True
-    assert throttle.blocked("auth", "203.0.113.9", limit=2) is False
+    assert rate_limits.blocked("auth", "203.0.113.9", limit=2) is False
     assert RedisPresence(url=redis_url).online() == []
     assert [c.id for c in staging.online()] == ["c1"]
     async_to_sync(staging.remove)("c1")

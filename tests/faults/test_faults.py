@@ -37,13 +37,13 @@ STORM_CLIENTS = 500
 
 
 class ThrottleNeedsRedisBug(AssertionError):
-    """notifications/throttle.py keeps its counters in Django's cache, which is Redis when
+    """notifications/rate_limits.py keeps its counters in Django's cache, which is Redis when
     REDIS_URL is set (project/settings.py CACHES). With Redis down, ``failures_blocked()``
     raises ``redis.ConnectionError`` before authentication: every Bearer API request answers
     500 (the send is not stored) and every WebSocket handshake dies with an exception
     inside the application (a traceback per attempt), so no client can resume until
-    Redis is back. Fix: fail open in ``throttle.hit``/``throttle.blocked`` (catch the cache's
-    errors, log once per kind with ThrottledLog, count nothing). Fixed that way."""
+    Redis is back. Fix: fail open in ``rate_limits.hit``/``rate_limits.blocked`` (catch the cache's
+    errors, log once per kind with OutageLog, count nothing). Fixed that way."""
 
 
 class HandshakeNeedsDatabaseBug(AssertionError):
@@ -53,7 +53,7 @@ class HandshakeNeedsDatabaseBug(AssertionError):
     and logs a traceback per attempt: clients reconnecting with backoff during a database
     outage make a traceback storm. Fix: catch ``OperationalError``/``InterfaceError`` around
     the credential lookup, accept, send the documented ``unavailable`` error frame and close
-    with 4013 (try again later), logging once per failure kind (ThrottledLog), as the
+    with 4013 (try again later), logging once per failure kind (OutageLog), as the
     consumer already does when the channel layer is down. Fixed that way."""
 
 

@@ -1,4 +1,5 @@
-"""Counting attempts per key in Django's cache (shared through Redis when REDIS_URL is set).
+"""Rate limits, all of them: attempts counted per key in Django's cache (shared through Redis),
+and the token bucket of each WebSocket connection's frames (in memory: one connection).
 
 Used for failed credentials (API tokens, WebSocket handshakes, the login form) per client
 address, and for WebSocket tickets per user. A fixed window: at most ``limit`` events per
@@ -9,13 +10,14 @@ not throttled for that moment, instead of every request failing. One log line sa
 """
 
 import logging
+import time
 
 from django.core.cache import caches
 from django.core.signals import setting_changed
 
-from .throttled_log import ThrottledLog
+from .outage_log import OutageLog
 
-failures = ThrottledLog(logging.getLogger(__name__))
+failures = OutageLog(logging.getLogger(__name__))
 UNAVAILABLE = "throttle cache unavailable; not throttling"
 _process_cache = None
 
@@ -70,3 +72,21 @@ def blocked(scope: str, key: str, *, limit: int) -> bool:
         failures.failure(UNAVAILABLE, exc)
         return False
     return count > limit
+
+
+class TokenBucket:
+    """``rate`` requests per second on average, ``burst`` at once."""
+
+    def __init__(self, *, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False

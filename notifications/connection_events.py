@@ -17,7 +17,7 @@ import logging
 import time
 
 from . import metrics
-from .net import scope_client_ip
+from .proxies import scope_client_ip
 
 logger = logging.getLogger("notifications.connections")
 

@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.test import Client
 
 from notifications.auth import ticket_issue
-from notifications.logs import JsonFormatter, PlainFormatter, redact
+from notifications.log_formats import JsonFormatter, PlainFormatter, redact
 from tests.server import expect_close, recv_json
 
 CONNECTIONS = "notifications.connections"

@@ -4,7 +4,7 @@ import logging
 import time
 
 
-class ThrottledLog:
+class OutageLog:
     """Log the first failure of each kind, then at most one summary line per ``interval`` seconds
     (at ``level``: ERROR unless the caller is only reporting a failure logged elsewhere)."""
 

@@ -1,5 +1,4 @@
-"""Log formats (plain text or one JSON object per line), secret redaction, and the
-channels-redis over-capacity counter.
+"""Log formats (plain text or one JSON object per line) and secret redaction.
 
 Both formatters redact secrets from the whole formatted line, traceback included: API
 tokens (``ntf_…``), WebSocket tickets (``tkt_…``), ``Authorization`` values, and the
@@ -81,23 +80,3 @@ class JsonFormatter(logging.Formatter):
         # Redacted field by field (before encoding: a replacement must not eat a JSON escape), then
         # once more as a whole, for secrets inside other values (lists, dicts).
         return redact(json.dumps(entry, default=str, ensure_ascii=False))
-
-
-_OVER_CAPACITY = re.compile(r"^(\d+) of \d+ channels over capacity")
-
-
-class OverCapacityHandler(logging.Handler):
-    """Count channels-redis' ``"%s of %s channels over capacity in group %s"`` lines (messages
-    ``group_send`` dropped) in ``notifications_channel_layer_over_capacity_total``."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not isinstance(record.msg, str) or "over capacity" not in record.msg:
-            return
-        try:
-            match = _OVER_CAPACITY.match(record.getMessage())
-        except Exception:  # a malformed record must not break logging
-            return
-        if match:
-            from . import metrics
-
-            metrics.over_capacity(int(match.group(1)))

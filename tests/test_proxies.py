@@ -2,7 +2,7 @@
 
 import pytest
 
-from notifications.net import client_ip, scope_client_ip
+from notifications.proxies import client_ip, scope_client_ip
 
 
 @pytest.fixture
