@@ -48,16 +48,11 @@ class Outbox:
         """Queue a live notification frame (the hub hands each offset of a stream once, in order)."""
         if self.closed or (self.skip is not None and offset <= self.skip.get(stream, 0)):
             return
-        if self.holding:
-            self.held.append(frame)
-            if len(self.held) > self.max_frames:
-                self.overflow()
-            return
-        self.put(frame)
+        self.put_live(frame)
 
     def put_live(self, item) -> None:
-        """Queue a live frame that is not a notification (``unread_count``, ``unsubscribed``...), or a
-        coroutine function: held with the notifications until hello (or the replay) went out."""
+        """Queue a live frame (a notification, ``unread_count``, ``unsubscribed``...) or a coroutine
+        function: while ``holding``, it waits in ``held`` until hello (or the replay) went out."""
         if self.holding:
             self.held.append(item)
             if len(self.held) > self.max_frames:
