@@ -16,6 +16,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission
 
 from project.layers import redis_channel_layer
+from tests.support import PASSWORD
 
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -92,10 +93,10 @@ def redis_url() -> str:
 def second_redis(tmp_path):
     """A second, private Redis (``redis-server`` on a free loopback port, no persistence): another
     shard beside the test Redis. ``.url``; ``.stop()`` and ``.start()`` restart it empty; stopped
-    at teardown. The fault tests' ``RedisServer`` (tests/faults/scenarios.py)."""
+    at teardown. ``RedisServer`` (tests/server.py)."""
     import shutil
 
-    from tests.faults.scenarios import RedisServer
+    from tests.server import RedisServer
 
     if shutil.which("redis-server") is None:
         missing_service("redis-server is not installed (a second Redis shard runs a private one)")
@@ -118,7 +119,7 @@ def layer(request, settings) -> str:
 @pytest.fixture
 def make_user(django_user_model):
     def make(username: str, *, staff: bool = False, **fields):
-        user = django_user_model.objects.create_user(username=username, password="pw-for-tests-1", **fields)
+        user = django_user_model.objects.create_user(username=username, password=PASSWORD, **fields)
         if staff:
             user.is_staff = True
             user.save(update_fields=["is_staff"])

@@ -1,4 +1,5 @@
-"""A real daphne process for end-to-end tests, and small HTTP and WebSocket clients for it.
+"""Real server processes for end-to-end tests (daphne, uvicorn, a private redis-server; free
+loopback ports and waiting for one to answer), and small HTTP and WebSocket clients for them.
 
 No fixtures here (importing fixtures into test modules trips linters); ``tests/test_server.py``
 wraps these helpers in fixtures. Another test module can do the same, or the fixtures can
@@ -74,18 +75,39 @@ def database_url(settings_dict: dict) -> str:
     raise RuntimeError(f"no DATABASE_URL form for {engine}")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
+def free_port(host: str = HOST) -> int:
+    """A free TCP port on ``host`` (IPv4, or IPv6 for an address with a colon)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
-def _port_answers(port: int) -> bool:
+def port_answers(port: int, host: str = HOST, *, uds: str | None = None) -> bool:
+    """Whether something accepts connections on ``host``:``port`` (or on the Unix socket ``uds``)."""
     try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
+        if uds:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(0.5)
+                sock.connect(uds)
+        else:
+            with socket.create_connection((host, port), timeout=0.5):
+                pass
+        return True
     except OSError:
         return False
+
+
+def wait_for_port(process: subprocess.Popen, port: int, timeout: float, *, host: str = HOST,
+                  interval: float = 0.1) -> bool:
+    """Wait (bounded) until ``port`` answers (True); False if ``process`` exits or ``timeout``
+    seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if port_answers(port, host):
+            return True
+        time.sleep(interval)
+    return False
 
 
 def executable(name: str) -> str:
@@ -169,11 +191,8 @@ def start_server(name: str, command, env: dict[str, str], log_path: Path, *, por
                 stderr=subprocess.STDOUT,
             )
         server = LiveServer(port=chosen, process=process, log_path=log_path, env=full_env)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline and process.poll() is None:
-            if _port_answers(chosen):
-                return server
-            time.sleep(0.1)
+        if wait_for_port(process, chosen, START_TIMEOUT):
+            return server
         server.stop()
         failures.append(f"port {chosen}: exit code {process.returncode}")
         if process.returncode is None or "address already in use" not in server.log().lower():
@@ -346,3 +365,49 @@ def start_uvicorn(env: dict[str, str], log_path: Path, *, port: int | None = Non
                         "--ws", "websockets-sansio", "--lifespan", "on", "--no-access-log", *extra_args],
         env, log_path, port=port, attempts=attempts,
     )
+
+
+# redis-server
+
+
+class RedisServer:
+    """A private redis-server on its own port (never the machine's shared one)."""
+
+    def __init__(self, log_path: Path, port: int | None = None):
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "RedisServer":
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise RuntimeError("redis-server is not installed")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [executable, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                 "--daemonize", "no", "--dir", str(self.log_path.parent)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                client = redis.Redis(host=HOST, port=self.port, socket_timeout=0.5)
+                try:
+                    if client.ping():
+                        return self
+                finally:
+                    client.close()
+            except redis.RedisError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)  # SIGTERM, a bounded wait, then SIGKILL

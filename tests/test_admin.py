@@ -12,6 +12,7 @@ from notifications import services
 from notifications.auth import token_create
 from notifications.models import ApiToken, Follow, Notification, Topic
 from notifications.presence import Connection, LocalPresence, RedisPresence
+from tests.support import PASSWORD
 
 SEND_URL = "/admin/notifications/notification/send/"
 ONLINE_URL = "/admin/notifications/notification/online/"
@@ -30,7 +31,7 @@ def admin_client_for(make_user):
 
 @pytest.fixture
 def superuser(django_user_model):
-    return django_user_model.objects.create_superuser("root", "root@example.com", "pw-for-tests-1")
+    return django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
 
 
 @pytest.fixture

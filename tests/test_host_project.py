@@ -18,9 +18,7 @@ import json
 import os
 import re
 import select
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -41,6 +39,7 @@ from tests.server import (
     http_request,
     recv_json,
     stop_process,
+    wait_for_port,
     ws_connect,
 )
 
@@ -170,14 +169,6 @@ def host_users(host_site) -> HostUsers:
     return HostUsers(admin_token=admin_token, user_token=user_token, user_id=int(user_id))
 
 
-def _port_answers(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def trouble(log: str) -> list[str]:
     """The lines of ``log`` that show a failure inside the server."""
     return [m.group(0) for m in SERVER_TROUBLE.finditer(log)]
@@ -195,13 +186,10 @@ def host_server(host_site, host_users):
         process = subprocess.Popen(command, cwd=host_site.root, env=host_site.env, stdin=subprocess.DEVNULL,
                                    stdout=log, stderr=subprocess.STDOUT)
     server = LiveServer(port=port, process=process, log_path=log_path, env=host_site.env)
-    deadline = time.monotonic() + START_TIMEOUT
-    while not _port_answers(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process(process)
-            pytest.fail(f"uvicorn did not start within {START_TIMEOUT:.0f} s (exit code {process.returncode}):\n"
-                        f"{server.log()}")
-        time.sleep(0.1)
+    if not wait_for_port(process, port, START_TIMEOUT):
+        stop_process(process)
+        pytest.fail(f"uvicorn did not start within {START_TIMEOUT:.0f} s (exit code {process.returncode}):\n"
+                    f"{server.log()}")
     yield server
     offset = server.log_size()
     stop_process(process)

@@ -10,6 +10,7 @@ from django.http import HttpResponse
 from django.test import RequestFactory
 
 from notifications.http import CONTENT_SECURITY_POLICY, BodyLimitMiddleware, ContentSecurityPolicyMiddleware
+from tests.support import PASSWORD
 
 LIMIT = 1000
 SEND = "/api/notifications/"
@@ -189,7 +190,7 @@ def test_the_policy_allows_only_this_origin_for_scripts_frames_forms_and_plugins
 ])
 def test_html_pages_have_the_content_security_policy(client, django_user_model, path, signed_in):
     if signed_in:
-        client.force_login(django_user_model.objects.create_superuser("root", "root@example.com", "pw-for-tests-1"))
+        client.force_login(django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD))
     response = client.get(path)
     assert response.status_code == 200, path
     assert response["Content-Type"].startswith("text/html")

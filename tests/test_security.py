@@ -10,6 +10,7 @@ from django.test import Client
 from notifications import auth, selectors, services
 from notifications.auth import ticket_issue, token_create
 from notifications.models import Follow, Topic
+from tests.support import PASSWORD
 
 from .conftest import WS_PATH
 
@@ -20,7 +21,7 @@ send = sync_to_async(services.notification_send)
 
 @pytest.fixture
 def superuser_client(django_user_model):
-    root = django_user_model.objects.create_superuser("root", "root@example.com", "pw-for-tests-1")
+    root = django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
     client = Client()
     client.force_login(root)
     return client
@@ -355,16 +356,16 @@ def test_password_guessing_on_the_login_page_is_throttled(client, alice, setting
                 for i in range(4)]
     assert statuses == [200, 200, 200, 429]
     # Even the right password: else the throttle would still tell which guess was right.
-    assert client.post("/accounts/login/", {"username": "alice", "password": "pw-for-tests-1"}).status_code == 429
+    assert client.post("/accounts/login/", {"username": "alice", "password": PASSWORD}).status_code == 429
 
 
 def test_password_guessing_on_the_admin_login_is_throttled(client, django_user_model, settings):
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
-    django_user_model.objects.create_superuser("root", "root@example.com", "pw-for-tests-1")
+    django_user_model.objects.create_superuser("root", "root@example.com", PASSWORD)
     statuses = [client.post("/admin/login/", {"username": "root", "password": f"wrong{i}"}).status_code
                 for i in range(4)]
     assert statuses == [200, 200, 200, 429]
-    assert client.post("/admin/login/", {"username": "root", "password": "pw-for-tests-1"}).status_code == 429
+    assert client.post("/admin/login/", {"username": "root", "password": PASSWORD}).status_code == 429
     # The admin's own pages still ask for a login as before.
     assert client.get("/admin/").status_code == 302
 
@@ -375,7 +376,7 @@ def test_password_guessing_for_one_user_does_not_lock_out_another_behind_the_sam
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "AUTH_FAILURES_PER_MINUTE": 2}
     for i in range(5):
         client.post("/accounts/login/", {"username": "alice", "password": f"wrong{i}"})
-    response = client.post("/accounts/login/", {"username": "bob", "password": "pw-for-tests-1"})
+    response = client.post("/accounts/login/", {"username": "bob", "password": PASSWORD})
     assert response.status_code == 302
 
 

@@ -15,7 +15,6 @@ import pytest
 import redis
 from asgiref.sync import sync_to_async
 from django.db import connections
-from django.test import Client
 from websockets.exceptions import ConnectionClosed
 
 from notifications.protocol import CLIENT_TYPES
@@ -34,6 +33,7 @@ from tests.server import (
     start_daphne,
     ws_connect,
 )
+from tests.support import PASSWORD, session_cookie
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 
@@ -41,7 +41,6 @@ SUBPROTOCOL = "notifications.v2"
 MAX_FRAME_BYTES = 64 * 1024  # the documented default of WS_MAX_FRAME_BYTES
 TICKET_TTL = 30  # the documented default of WS_TICKET_TTL
 EXTRA_ORIGIN = "https://app.example.test"  # allowed through WS_ALLOWED_ORIGINS
-PASSWORD = "pw-for-tests-1"
 IDLE_SECONDS = 6.5  # longer than channels-redis's blocking read (brpop_timeout, 5 s)
 REDIS_READ_TIMEOUT = "channel layer receive failed, retrying: TimeoutError: Timeout reading from"
 # Server log lines that are expected (none: every ERROR line fails the test that caused it).
@@ -189,9 +188,7 @@ def alice_password(alice) -> str:
 @pytest.fixture
 def alice_session(alice) -> dict[str, str]:
     """Alice's session cookie, as a browser that signed in holds it."""
-    client = Client()
-    client.force_login(alice)
-    return {"sessionid": client.cookies["sessionid"].value}
+    return {"sessionid": session_cookie(alice)}
 
 
 @pytest.fixture

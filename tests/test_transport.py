@@ -27,8 +27,7 @@ from notifications import transport
 from notifications.models import Notification
 from notifications.services import notification_send
 from project.layers import redis_channel_layer
-from tests.faults.scenarios import RedisServer
-from tests.server import APP_ENV, BASE_DIR, HOST, database_url, free_port
+from tests.server import APP_ENV, BASE_DIR, HOST, RedisServer, database_url, free_port
 
 from .conftest import MEMORY_LAYER, missing_service, redis_layer_settings
 

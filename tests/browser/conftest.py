@@ -17,9 +17,7 @@ package only). Code that pushes (``async_to_sync``) runs in a thread: ``run_in_t
 
 import http.client
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +36,9 @@ from tests.server import (
     free_port,
     http_request,
     stop_process,
+    wait_for_port,
 )
+from tests.support import session_cookie
 
 CHROMIUM = "/usr/bin/chromium"
 # The flags this machine's Chromium needs (no sandbox as root, no background traffic to a
@@ -56,7 +56,6 @@ CHROMIUM_ARGS = [
     "--host-resolver-rules=MAP *.example.test 127.0.0.1",
 ]
 APP_HOST = "app.example.test"  # another name of the site, in ALLOWED_HOSTS
-PASSWORD = "pw-for-tests-1"  # tests/conftest.py's make_user
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 375, "height": 812}
 START_TIMEOUT = 20.0
@@ -103,13 +102,8 @@ class BrowserServer:
                 [daphne_executable(), "-b", HOST, "-p", str(self.port), "project.asgi:application"],
                 cwd=BASE_DIR, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                socket.create_connection((HOST, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
+        if wait_for_port(self.process, self.port, START_TIMEOUT, interval=0.05):
+            return
         self.stop()
         raise RuntimeError(f"daphne did not start on port {self.port}:\n{self.log()}")
 
@@ -186,15 +180,6 @@ def live(browser_server: BrowserServer) -> Iterator[BrowserServer]:
         browser_server.stop()
     new_log = browser_server.log(start)
     assert "Traceback" not in new_log, f"daphne logged a traceback during this test:\n{new_log}"
-
-
-def session_cookie(user) -> str:
-    """A signed-in session for ``user`` (stored in the test database, so the server accepts it)."""
-    from django.test import Client
-
-    client = Client()
-    client.force_login(user)
-    return client.cookies["sessionid"].value
 
 
 @pytest.fixture

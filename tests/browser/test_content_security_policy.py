@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from notifications.http import CONTENT_SECURITY_POLICY
-from tests.browser.conftest import PASSWORD
+from tests.support import PASSWORD
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.django_db(transaction=True)]
 

@@ -15,7 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import APP_HOST, PASSWORD, PHONE, run_in_thread
+from tests.browser.conftest import APP_HOST, PHONE, run_in_thread
+from tests.support import PASSWORD
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.django_db(transaction=True)]
 

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import CLIENT_OPTIONS, PASSWORD, session_cookie
+from tests.browser.conftest import CLIENT_OPTIONS
 from tests.server import HOST
+from tests.support import PASSWORD, session_cookie
 
 pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.django_db(transaction=True)]
 

@@ -28,7 +28,6 @@ No Django imports: the bench script uses it as is.
 import asyncio
 import contextlib
 import json
-import math
 import random
 import time
 from collections import Counter
@@ -38,6 +37,8 @@ from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from tests.support import percentile
 
 SUBPROTOCOL = "notifications.v2"
 WS_PATH = "/ws/notifications/"
@@ -373,26 +374,6 @@ async def start_clients(tokens: Iterable[str], servers: list[str], *, backoff: B
 
 async def stop_clients(clients: list[ResumingClient]) -> None:
     await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
-
-
-async def wait_until(predicate, timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(interval)
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """The ``p``-th percentile (nearest rank), or None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))
-    return ordered[rank]
 
 
 @dataclass

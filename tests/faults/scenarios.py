@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -31,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.server import HOST, LiveServer, free_port, http_request, start_daphne, start_uvicorn
+from tests.server import HOST, LiveServer, RedisServer, http_request, start_daphne, start_uvicorn
+from tests.support import wait_until
 
 from .client import (
     SUBPROTOCOL,
@@ -42,7 +42,6 @@ from .client import (
     compare,
     start_clients,
     stop_clients,
-    wait_until,
 )
 
 TOPIC = "faults"
@@ -261,54 +260,6 @@ async def _deliver(clients: list[ResumingClient], ledger: Ledger, assignments: l
 
 
 # Helper processes and sockets
-
-
-class RedisServer:
-    """A private redis-server on its own port (never the machine's shared one)."""
-
-    def __init__(self, log_path: Path, port: int | None = None):
-        self.log_path = log_path
-        self.port = port or free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> "RedisServer":
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError("redis-server is not installed")
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [executable, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                 "--daemonize", "no", "--dir", str(self.log_path.parent)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        import redis
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                client = redis.Redis(host=HOST, port=self.port, socket_timeout=0.5)
-                try:
-                    if client.ping():
-                        return self
-                finally:
-                    client.close()
-            except redis.RedisError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
 
 
 class TcpProxy:

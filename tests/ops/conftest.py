@@ -5,15 +5,13 @@ import uuid
 
 import pytest
 import redis
-from django.test import Client
 
 from tests.conftest import token_for
 from tests.server import database_url, server_trouble
+from tests.support import session_cookie
 from tests.test_server import stream  # noqa: F401  (the Stream row carried across database flushes)
 
 from .serving import Served, start_serve
-
-PASSWORD = "pw-for-tests-1"
 
 
 @pytest.fixture
@@ -73,9 +71,7 @@ def superuser(make_user):
 
 @pytest.fixture
 def superuser_session(superuser) -> dict[str, str]:
-    client = Client()
-    client.force_login(superuser)
-    return {"sessionid": client.cookies["sessionid"].value}
+    return {"sessionid": session_cookie(superuser)}
 
 
 @pytest.fixture

@@ -13,7 +13,17 @@ from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 
-from tests.server import APP_ENV, BASE_DIR, RECV_TIMEOUT, WS_PATH, LiveServer, Response, http_request
+from tests.server import (
+    APP_ENV,
+    BASE_DIR,
+    RECV_TIMEOUT,
+    WS_PATH,
+    LiveServer,
+    Response,
+    free_port,
+    http_request,
+    port_answers,
+)
 
 SERVE = BASE_DIR / "bin" / "serve"
 START_TIMEOUT = 30.0
@@ -22,27 +32,6 @@ SERVE_ENV = ("SERVE_HOST", "SERVE_PORT", "SERVE_UDS", "SERVE_FD", "SERVE_WORKERS
              "SERVER_HEADER", "PROMETHEUS_MULTIPROC_DIR", "TRUSTED_PROXIES", "FORWARDED_ALLOW_IPS",
              "WEB_CONCURRENCY", "SERVE_MAX_HEADER_BYTES", "SERVE_HEADER_TIMEOUT", "SERVE_WS_MAX_UNSENT_BYTES",
              "SERVE_WS_CLOSE_TIMEOUT")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _answers(host: str, port: int, uds: str | None) -> bool:
-    try:
-        if uds:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(0.5)
-                sock.connect(uds)
-        else:
-            with socket.create_connection((host, port), timeout=0.5):
-                pass
-        return True
-    except OSError:
-        return False
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -126,7 +115,7 @@ def start_serve(env: dict[str, str], log_path: Path, *, workers: int = 1, host: 
                         workers=workers, metrics_dir=Path(full_env["PROMETHEUS_MULTIPROC_DIR"]))
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and process.poll() is None:
-            if _answers(host, port, uds):
+            if port_answers(port, host, uds=uds):
                 try:
                     if server.request("GET", "/healthz", timeout=2).status == 200:
                         return server

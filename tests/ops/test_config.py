@@ -8,7 +8,6 @@ import os
 import re
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from notifications import conf
 from notifications.checks import channel_layer_check
 from project.layers import parse_sentinels
 from tests.conftest import missing_service
-from tests.server import APP_ENV, BASE_DIR
+from tests.server import APP_ENV, BASE_DIR, free_port
 
 SETTINGS = str(BASE_DIR / "project" / "settings.py")
 MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
@@ -260,9 +259,7 @@ def running_sentinel(tmp_path, masters: dict[str, str]):
     binary = shutil.which("redis-sentinel") or shutil.which("redis-server")
     if binary is None:
         missing_service("redis-server is not installed (Sentinel runs as redis-server --sentinel)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = tmp_path / f"sentinel-{port}.conf"
     lines = [f"port {port}", "bind 127.0.0.1", "daemonize no", f"dir {tmp_path}"]
     for name, url in masters.items():

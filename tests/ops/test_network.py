@@ -11,9 +11,9 @@ import tempfile
 
 import pytest
 
-from tests.server import recv_json
+from tests.server import free_port, recv_json
 
-from .serving import SERVE, free_port
+from .serving import SERVE
 
 pytestmark = [pytest.mark.server, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 

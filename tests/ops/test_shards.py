@@ -29,11 +29,12 @@ from notifications.hub import MARKER_PREFIX
 from notifications.layers import ShardedRedisChannelLayer
 from notifications.presence import RedisPresence, shard_index
 from project.layers import redis_channel_layer
-from tests.faults.client import ResumingClient, compare, start_clients, stop_clients, wait_until
+from tests.faults.client import ResumingClient, compare, start_clients, stop_clients
 from tests.faults.conftest import world as fault_world  # noqa: F401  (a fixture: the fault tests' World)
 from tests.faults.scenarios import Ledger, Member, World, _deliver, _expected, log_trouble, send_notifications, ws_base
 from tests.ops.test_scaleout import hello, sends_through_either_reach_a_user_on_both, wait_for_rows
 from tests.server import LiveServer, http_request
+from tests.support import wait_until
 
 SHARDS = 2
 SHARDED_BACKEND = "notifications.layers.ShardedRedisChannelLayer"  # the layer with several hosts
