@@ -36,7 +36,7 @@ from django.utils.cache import add_never_cache_headers
 
 from . import conf, protocol, selectors, services
 from .auth import token_create, token_revoke
-from .models import ApiToken, Audience, Level, Notification, Topic
+from .models import ApiToken, Audience, DeliverySettings, Level, Notification, Preference, PreferenceScope, Topic
 from .presence import get_presence
 
 User = get_user_model()
@@ -357,3 +357,58 @@ def register_user_admin(site: admin.AdminSite = admin.site) -> None:
 
 
 register_user_admin()
+
+
+class PreferenceAdminForm(forms.ModelForm):
+    class Meta:
+        model = Preference
+        fields = ["user", "scope", "key", "email", "digest", "push"]
+
+    def clean(self):
+        data = super().clean()
+        scope, key, user = data.get("scope"), data.get("key") or "", data.get("user")
+        if scope in (PreferenceScope.OWN, PreferenceScope.BROADCAST) and key:
+            self.add_error("key", f"A rule of scope {scope!r} has no key: leave it empty.")
+        elif scope == PreferenceScope.LEVEL and key not in Level.values:
+            self.add_error("key", f"Give a level: {', '.join(Level.values)}.")
+        elif scope == PreferenceScope.TOPIC and not Topic.objects.filter(slug=key).exists():
+            self.add_error("key", "Give the slug of an existing topic.")
+        if user is None and scope and scope != PreferenceScope.TOPIC:
+            self.add_error("user", "Only a topic rule may be a staff default (no user).")
+        return data
+
+
+class RuleKindFilter(admin.SimpleListFilter):
+    title = "kind"
+    parameter_name = "kind"
+
+    def lookups(self, request, model_admin):
+        return [("user", "Users' rules"), ("staff", "Staff defaults (per topic)")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "user":
+            return queryset.filter(user__isnull=False)
+        if self.value() == "staff":
+            return queryset.filter(user__isnull=True)
+        return queryset
+
+
+@admin.register(Preference)
+class PreferenceAdmin(admin.ModelAdmin):
+    """Users' delivery rules and the staff defaults of topics (rows without a user)."""
+
+    form = PreferenceAdminForm
+    list_display = ["__str__", "user", "scope", "key", "email", "digest", "push", "updated_at"]
+    list_filter = [RuleKindFilter, "scope", "email", "digest", "push"]
+    search_fields = ["user__username", "key"]
+    raw_id_fields = ["user"]
+    list_select_related = ["user"]
+
+
+@admin.register(DeliverySettings)
+class DeliverySettingsAdmin(admin.ModelAdmin):
+    list_display = ["user", "timezone", "quiet_start", "quiet_end", "digest"]
+    list_filter = ["digest"]
+    search_fields = ["user__username", "timezone"]
+    raw_id_fields = ["user"]
+    list_select_related = ["user"]

@@ -24,7 +24,7 @@ from ninja.utils import check_csrf
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, create_model
 from pydantic import ValidationError as PydanticValidationError
 
-from . import conf, rate_limits, selectors, services
+from . import conf, preferences, rate_limits, selectors, services
 from .auth import (
     TOO_MANY_FAILURES,
     AuthFailure,
@@ -574,3 +574,125 @@ def ws_ticket(request):
         raise ApiError(429, "too_many_tickets", f"At most {limit} tickets per minute; reuse the connection.")
     ticket, ttl = ticket_issue(user=request.auth)
     return Status(201, {"ticket": ticket, "expires_in": ttl, "url": f"/ws/notifications/?ticket={ticket}"})
+
+
+# Delivery preferences (docs/delivery.md, "Preferences")
+
+
+class RuleIn(Strict):
+    scope: StrictStr = Field(description="`own` (sent to you by name), `topic`, `broadcast` or `level`.")
+    key: StrictStr = Field("", max_length=80, description="The topic's slug (`topic`), the level (`level`: info, "
+                           "success, warning, error), or empty (`own`, `broadcast`).")
+    email: StrictBool = False
+    digest: StrictBool = False
+    push: StrictBool = False
+
+
+class DeliverySettingsIn(Strict):
+    timezone: StrictStr = Field("UTC", max_length=64, description="An IANA time zone, e.g. `Europe/Paris`.")
+    quiet_start: StrictStr | None = Field(None, description="`HH:MM` (24 hours), with `quiet_end`.")
+    quiet_end: StrictStr | None = Field(None, description="`HH:MM`; before `quiet_start` when they cross midnight.")
+    digest: Literal["off", "hourly", "daily"] = "off"
+
+
+class PreferencesIn(Strict):
+    # Rules and settings are checked by services.preferences_set, which names each bad field
+    # (``rules.<index>.<field>``, ``settings.<field>``); the schema documents their shapes.
+    rules: list[Annotated[Any, WithJsonSchema(RuleIn.model_json_schema())]] = Field(
+        max_length=services.RULES_MAX, description="Every rule you want (the others are removed)."
+    )
+    settings: Annotated[Any, WithJsonSchema(DeliverySettingsIn.model_json_schema())] = Field(
+        None, description="Your delivery settings; missing keys (or the whole object) at their defaults."
+    )
+
+
+class RuleOut(Schema):
+    scope: str
+    key: str
+    email: bool
+    digest: bool
+    push: bool
+
+
+class DeliverySettingsOut(Schema):
+    timezone: str
+    quiet_start: str | None
+    quiet_end: str | None
+    digest: str
+
+
+class TopicDefaultOut(Schema):
+    topic: str
+    source: Literal["staff", "app"] = Field(description="`staff`: the topic's default; `app`: DELIVERY_DEFAULTS.")
+    email: bool
+    digest: bool
+    push: bool
+
+
+class PreferencesOut(Schema):
+    rules: list[RuleOut]
+    settings: DeliverySettingsOut
+    topic_defaults: list[TopicDefaultOut] = Field(
+        description="For each topic you follow, the channels that apply when you have no rule for it."
+    )
+
+
+class TopicDefaultIn(Strict):
+    email: StrictBool = False
+    digest: StrictBool = False
+    push: StrictBool = False
+
+
+class TopicDefaultSetOut(Schema):
+    topic: str
+    email: bool
+    digest: bool
+    push: bool
+
+
+def _clock_text(value) -> str | None:
+    return value.strftime("%H:%M") if value is not None else None
+
+
+def _preferences_body(user) -> dict[str, Any]:
+    delivery = preferences.delivery_settings_of(user)
+    return {
+        "rules": [{"scope": r.scope, "key": r.key, "email": r.email, "digest": r.digest, "push": r.push}
+                  for r in preferences.rules_of(user)],
+        "settings": {"timezone": delivery.timezone, "quiet_start": _clock_text(delivery.quiet_start),
+                     "quiet_end": _clock_text(delivery.quiet_end), "digest": delivery.digest},
+        "topic_defaults": preferences.topic_defaults_for(user),
+    }
+
+
+@api.get("/preferences/", response={200: PreferencesOut, **ERRORS}, summary="Your delivery preferences")
+def get_preferences(request):
+    return _preferences_body(request.auth)
+
+
+@api.put(
+    "/preferences/",
+    response={200: PreferencesOut, **ERRORS},
+    summary="Replace your delivery preferences",
+    description="Replaces every rule and the delivery settings. A bad rule or setting is a 400 naming the field "
+    "(`rules.<index>.<field>`, `settings.<field>`); nothing is stored.",
+)
+def put_preferences(request, payload: PreferencesIn):
+    settings = {} if payload.settings is None else payload.settings
+    services.preferences_set(user=request.auth, rules=payload.rules, settings=settings)
+    return _preferences_body(request.auth)
+
+
+@api.put(
+    "/topics/{slug}/defaults/",
+    response={200: TopicDefaultSetOut, **ERRORS},
+    summary="Set a topic's default channels (staff)",
+    description="The channels of the topic's followers who have no rule of their own for it. Needs the "
+    "'change topic' permission.",
+)
+def put_topic_defaults(request, slug: str, payload: TopicDefaultIn):
+    if not request.auth.has_perm("notifications.change_topic"):
+        raise ApiError(403, "forbidden", "Only staff with the 'change topic' permission may set topic defaults.")
+    topic = _topic(slug)
+    rule = services.topic_default_set(topic=topic, email=payload.email, digest=payload.digest, push=payload.push)
+    return {"topic": topic.slug, "email": rule.email, "digest": rule.digest, "push": rule.push}

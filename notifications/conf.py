@@ -90,6 +90,10 @@ DEFAULTS: dict[str, Any] = {
     "METRICS_TOKEN": "",
     # Add "send a notification" and "disconnect" to the host's User admin (left alone by default).
     "USER_ADMIN_ACTIONS": False,
+    # The external channels of a notification no rule decides (no user rule, no staff default of
+    # its topic): {"email": bool, "digest": bool, "push": bool}, missing keys false. The socket and
+    # the inbox always deliver (docs/delivery.md, "Preferences").
+    "DELIVERY_DEFAULTS": {"email": False, "digest": False, "push": False},
 }
 
 # Old key names still read (each with a system-check warning, notifications.W003): old: new.

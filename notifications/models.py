@@ -10,9 +10,12 @@ users see it. Per-user read state lives beside it:
   above the watermark.
 """
 
+import functools
 import secrets
+import zoneinfo
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 
@@ -238,3 +241,99 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scope}:{self.key}"
+
+
+class PreferenceScope(models.TextChoices):
+    OWN = "own"
+    TOPIC = "topic"
+    BROADCAST = "broadcast"
+    LEVEL = "level"
+
+
+class Preference(models.Model):
+    """One rule: which external channels deliver the notifications of one audience or level.
+
+    ``key`` is the topic's slug (``topic``), the level's name (``level``), or empty (``own``,
+    ``broadcast``). A row without a user is a staff default, only for a topic. The rule that
+    applies is decided in one place: ``notifications.preferences``.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="notification_preferences",
+        help_text="Empty: the staff default of a topic.",
+    )
+    scope = models.CharField(max_length=10, choices=PreferenceScope.choices)
+    key = models.CharField(max_length=80, blank=True, help_text="The topic's slug, the level's name, or empty.")
+    email = models.BooleanField(default=False)
+    digest = models.BooleanField(default=False)
+    push = models.BooleanField(default=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "scope", "key"], condition=Q(user__isnull=False), name="preference_unique_user_rule"
+            ),
+            models.UniqueConstraint(
+                fields=["scope", "key"], condition=Q(user__isnull=True), name="preference_unique_staff_default"
+            ),
+            models.CheckConstraint(
+                name="preference_staff_default_is_topic", condition=Q(user__isnull=False) | Q(scope="topic")
+            ),
+            models.CheckConstraint(
+                name="preference_key_matches_scope",
+                condition=Q(scope__in=["own", "broadcast"], key="") | (Q(scope__in=["topic", "level"]) & ~Q(key="")),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        whose = f"user {self.user_id}" if self.user_id is not None else "staff default"
+        return f"{whose}: {self.scope} {self.key}".rstrip()
+
+
+@functools.cache
+def time_zone_names() -> frozenset[str]:
+    """The IANA time zone names ``zoneinfo`` knows (read once: it walks the zone files)."""
+    return frozenset(zoneinfo.available_timezones())
+
+
+def validate_time_zone(name: str) -> None:
+    """Refuse a name that is not an IANA time zone known to ``zoneinfo``."""
+    if name not in time_zone_names():
+        raise ValidationError(f"Unknown time zone {name!r}: give an IANA name such as 'Europe/Paris'.")
+
+
+class DigestFrequency(models.TextChoices):
+    OFF = "off"
+    HOURLY = "hourly"
+    DAILY = "daily"
+
+
+class DeliverySettings(models.Model):
+    """A user's time zone, quiet hours (email and push wait until they end) and digest frequency."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, primary_key=True, related_name="delivery_settings"
+    )
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_time_zone])
+    quiet_start = models.TimeField(null=True, blank=True)
+    quiet_end = models.TimeField(null=True, blank=True)
+    digest = models.CharField(max_length=10, choices=DigestFrequency.choices, default=DigestFrequency.OFF)
+
+    class Meta:
+        verbose_name = "delivery settings"
+        verbose_name_plural = "delivery settings"
+        constraints = [
+            models.CheckConstraint(
+                name="delivery_quiet_hours_both_or_neither",
+                condition=Q(quiet_start__isnull=True, quiet_end__isnull=True)
+                | Q(quiet_start__isnull=False, quiet_end__isnull=False),
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"delivery settings of {self.user_id}"

@@ -7,7 +7,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import time, timedelta
 from functools import partial
 from typing import Any, Literal, cast
 
@@ -17,17 +17,22 @@ from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import conf, protocol, push, selectors, streams
+from . import conf, preferences, protocol, push, selectors, streams
 from .auth import ALL_SESSIONS, session_digest
 from .models import (
     Audience,
+    DeliverySettings,
+    DigestFrequency,
     Follow,
     IdempotencyKey,
     InboxState,
     Level,
     Notification,
+    Preference,
+    PreferenceScope,
     Receipt,
     Topic,
+    time_zone_names,
 )
 
 TITLE_MAX = 200
@@ -508,12 +513,18 @@ def topic_unfollow(*, user, topic: Topic) -> bool:
 
 def topic_renamed(*, topic: Topic, old_slug: str) -> None:
     """A topic's slug changed: open connections that follow it (routed by its id) keep it under
-    the new slug, once committed. A new topic that takes the old slug is another topic."""
+    the new slug, once committed. A new topic that takes the old slug is another topic. Delivery
+    preferences of the topic (keyed by slug) follow it to the new one."""
+    topic_rules = Preference.objects.filter(scope=PreferenceScope.TOPIC)
+    topic_rules.filter(key=topic.slug).delete()  # (left by a deleted topic of that slug: not this one's)
+    topic_rules.filter(key=old_slug).update(key=topic.slug)
     transaction.on_commit(lambda: push.topic_changed(topic.pk, "renamed", topic.slug, old_slug))
 
 
 def topic_deleted(*, topic_id: int, slug: str) -> None:
-    """A topic was deleted: take it off every open connection, on every server process, once committed."""
+    """A topic was deleted: take it off every open connection, on every server process, once
+    committed; its delivery preferences go with it (a new topic of that slug starts without them)."""
+    Preference.objects.filter(scope=PreferenceScope.TOPIC, key=slug).delete()
     transaction.on_commit(lambda: push.topic_changed(topic_id, "deleted", slug))
 
 
@@ -577,3 +588,121 @@ def user_deactivated(*, user) -> None:
     transaction.on_commit(
         lambda: push.connections_close([user.pk], code=protocol.CLOSE_FORBIDDEN, reason="user deactivated")
     )
+
+
+# Delivery preferences (docs/delivery.md, "Preferences"; the rule itself: notifications.preferences)
+
+RULES_MAX = 500
+RULE_FIELDS = frozenset({"scope", "key", *preferences.CHANNELS})
+SETTINGS_FIELDS = frozenset({"timezone", "quiet_start", "quiet_end", "digest"})
+_CLOCK = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
+
+
+def _rule_errors(index: int, rule: Any, user, seen: set[tuple[str, str]], topics: dict[str, Topic]) -> dict[str, str]:
+    where = f"rules.{index}"
+    if not isinstance(rule, Mapping):
+        return {where: "A rule must be an object."}
+    errors = {f"{where}.{name}": "Unknown field." for name in rule if name not in RULE_FIELDS}
+    scope, key = rule.get("scope"), rule.get("key", "")
+    if scope not in PreferenceScope.values:
+        errors[f"{where}.scope"] = f"scope must be one of {', '.join(PreferenceScope.values)}."
+    elif not isinstance(key, str):
+        errors[f"{where}.key"] = "key must be a string."
+    elif scope in (PreferenceScope.OWN, PreferenceScope.BROADCAST) and key:
+        errors[f"{where}.key"] = f"A rule of scope {scope!r} has no key (leave it empty)."
+    elif scope == PreferenceScope.LEVEL and key not in LEVELS:
+        errors[f"{where}.key"] = f"Unknown level {key!r}: one of {', '.join(Level.values)}."
+    elif scope == PreferenceScope.TOPIC and (key not in topics or not selectors.topic_readable_by(topics[key], user)):
+        errors[f"{where}.key"] = f"Unknown topic {key!r}."  # a private topic is not told apart from a missing one
+    elif (scope, key) in seen:
+        errors[f"{where}.key"] = f"A second rule for {scope} {key}".rstrip() + ": give one rule each."
+    else:
+        seen.add((scope, key))
+    for channel in preferences.CHANNELS:
+        if not isinstance(rule.get(channel, False), bool):
+            errors[f"{where}.{channel}"] = f"{channel} must be true or false."
+    return errors
+
+
+def _clock(value: Any) -> time | None:
+    if isinstance(value, time) and value.tzinfo is None:
+        return value.replace(second=0, microsecond=0)
+    if isinstance(value, str) and _CLOCK.fullmatch(value):
+        return time.fromisoformat(value)
+    return None
+
+
+def _settings_values(values: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The delivery settings to store (missing keys at their defaults), and the errors."""
+    if not isinstance(values, Mapping):
+        return {}, {"settings": "settings must be an object."}
+    errors = {f"settings.{name}": "Unknown field." for name in values if name not in SETTINGS_FIELDS}
+    zone = values.get("timezone", "UTC")
+    if not isinstance(zone, str) or zone not in time_zone_names():
+        errors["settings.timezone"] = f"Unknown time zone {zone!r}: give an IANA name such as 'Europe/Paris'."
+    digest = values.get("digest", DigestFrequency.OFF)
+    if digest not in DigestFrequency.values:
+        errors["settings.digest"] = f"digest must be one of {', '.join(DigestFrequency.values)}."
+    clocks: dict[str, time | None] = {}
+    for name in ("quiet_start", "quiet_end"):
+        raw = values.get(name)
+        clocks[name] = None if raw is None else _clock(raw)
+        if raw is not None and clocks[name] is None:
+            errors[f"settings.{name}"] = f"{name} must be a time of day, 'HH:MM' (24 hours)."
+    start, end = values.get("quiet_start"), values.get("quiet_end")
+    if (start is None) != (end is None):
+        missing = "quiet_end" if end is None else "quiet_start"
+        errors.setdefault(f"settings.{missing}", "Give quiet_start and quiet_end together (or neither).")
+    elif start is not None and clocks["quiet_start"] is not None and clocks["quiet_start"] == clocks["quiet_end"]:
+        errors.setdefault("settings.quiet_end", "quiet_end must differ from quiet_start.")
+    return {"timezone": zone, "digest": digest, **clocks}, errors
+
+
+def preferences_set(*, user, rules: Sequence[Mapping[str, Any]], settings: Mapping[str, Any] | None = None) -> None:
+    """Replace the user's rules, and (unless ``settings`` is None) their delivery settings.
+
+    All or nothing: any invalid rule or setting raises ``ValidationError`` naming each bad field
+    (``rules.<index>.<field>``, ``settings.<field>``) and stores nothing. A rule is
+    ``{"scope", "key"?, "email"?, "digest"?, "push"?}`` (missing channels are off); settings are
+    ``{"timezone"?, "quiet_start"?, "quiet_end"?, "digest"?}`` (missing keys at their defaults).
+    """
+    if not isinstance(rules, Sequence) or isinstance(rules, str | bytes) or len(rules) > RULES_MAX:
+        raise ValidationError({"rules": f"rules must list at most {RULES_MAX} rules."})
+    slugs = {r["key"] for r in rules
+             if isinstance(r, Mapping) and r.get("scope") == PreferenceScope.TOPIC and isinstance(r.get("key"), str)}
+    topics = {t.slug: t for t in Topic.objects.filter(slug__in=slugs)}
+    errors: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()
+    for index, rule in enumerate(rules):
+        errors.update(_rule_errors(index, rule, user, seen, topics))
+    stored_settings: dict[str, Any] = {}
+    if settings is not None:
+        stored_settings, settings_errors = _settings_values(settings)
+        errors.update(settings_errors)
+    if errors:
+        raise ValidationError(errors)
+    rows = [
+        Preference(user=user, scope=rule["scope"], key=rule.get("key", ""),
+                   **{channel: rule.get(channel, False) for channel in preferences.CHANNELS})
+        for rule in rules
+    ]
+    with transaction.atomic():
+        # One user's preferences are replaced one request at a time.
+        get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True).get()
+        Preference.objects.filter(user=user).delete()
+        Preference.objects.bulk_create(rows)
+        if settings is not None:
+            DeliverySettings.objects.update_or_create(user=user, defaults=stored_settings)
+
+
+def topic_default_set(*, topic: Topic, email: bool, digest: bool, push: bool) -> Preference:
+    """Set the staff default of a topic: the channels of its followers who have no rule of their own for it."""
+    if not all(isinstance(value, bool) for value in (email, digest, push)):
+        raise ValidationError("email, digest and push must be true or false.")
+    channels = {"email": email, "digest": digest, "push": push}
+    with transaction.atomic():
+        Topic.objects.select_for_update().filter(pk=topic.pk).values_list("pk", flat=True).get()
+        rule, _ = Preference.objects.update_or_create(
+            user=None, scope=PreferenceScope.TOPIC, key=topic.slug, defaults=channels
+        )
+    return rule

@@ -1068,6 +1068,8 @@ def test_openapi_schema_lists_every_endpoint(client):
         "/api/notifications/{notification_id}/": {"delete"},
         "/api/topics/": {"get"},
         "/api/topics/{slug}/follow/": {"post", "delete"},
+        "/api/topics/{slug}/defaults/": {"put"},
+        "/api/preferences/": {"get", "put"},
         "/api/ws-ticket/": {"post"},
     }
 

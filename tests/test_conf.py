@@ -22,6 +22,7 @@ from .server import APP_ENV, BASE_DIR
 MEMORY_LAYER = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 # The defaults before the app had conf.py (project/settings.py's, with nothing in the environment).
 DEFAULTS_BEFORE = {
+    "DELIVERY_DEFAULTS": {"email": False, "digest": False, "push": False},
     "WS_ALLOWED_ORIGINS": [], "WS_MAX_FRAME_BYTES": 65536, "WS_RATE": 10.0, "WS_BURST": 30,
     "WS_MAX_CONNECTIONS_PER_USER": 20, "AUTH_FAILURES_PER_MINUTE": 20, "TICKETS_PER_MINUTE": 30,
     "WS_MAX_TOPICS": 100, "WS_MAX_QUEUED_FRAMES": 1000, "REPLAY_MAX_AGE": 604800, "REPLAY_MAX_COUNT": 500,

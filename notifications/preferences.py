@@ -1,0 +1,150 @@
+"""Which external channels deliver a notification to a user, and until when quiet hours hold them.
+
+The one place that decides (docs/delivery.md, "Preferences"): the channels of the notification's
+audience rule, joined (set union) with those of its level rule.
+
+- Audience rule: scope ``own`` for a personal notification, ``topic`` (key: the topic's slug)
+  for a topic's, ``broadcast`` for a broadcast. The user's own rule, else (topics only) the
+  staff default of the topic, else ``NOTIFICATIONS["DELIVERY_DEFAULTS"]``.
+- Level rule: the user's rule of scope ``level`` for the notification's level, else nothing.
+
+The socket and the inbox are not channels here: they always deliver. Every read of preferences
+is in this module; writes go through ``services.preferences_set`` and ``services.topic_default_set``.
+"""
+
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from django.db.models import Q
+
+from . import conf
+from .models import Audience, DeliverySettings, Notification, Preference, PreferenceScope, Topic
+
+CHANNELS = ("email", "digest", "push")
+# Channels that quiet hours hold until they end (digests are batched already).
+HELD_CHANNELS = frozenset({"email", "push"})
+
+
+def rule_channels(rule: Preference) -> set[str]:
+    """The channels a rule turns on."""
+    return {channel for channel in CHANNELS if getattr(rule, channel)}
+
+
+def app_default_channels() -> set[str]:
+    """The channels of ``NOTIFICATIONS["DELIVERY_DEFAULTS"]`` (missing keys are off)."""
+    defaults = conf.settings.DELIVERY_DEFAULTS or {}
+    return {channel for channel in CHANNELS if defaults.get(channel)}
+
+
+def audience_rule(notification: Notification) -> tuple[str, str]:
+    """The (scope, key) of the rule that decides for the notification's audience."""
+    if notification.audience == Audience.USER:
+        return PreferenceScope.OWN, ""
+    if notification.audience == Audience.TOPIC:
+        return PreferenceScope.TOPIC, notification.topic.slug if notification.topic is not None else ""
+    return PreferenceScope.BROADCAST, ""
+
+
+def channels_for_users(user_ids: Iterable[int], notification: Notification) -> dict[int, set[str]]:
+    """``{user id: channels}`` for many users at once: one query for every rule that may apply."""
+    ids = list(dict.fromkeys(user_ids))
+    if not ids:
+        return {}
+    scope, key = audience_rule(notification)
+    wanted = Q(user_id__in=ids) & (Q(scope=scope, key=key) | Q(scope=PreferenceScope.LEVEL, key=notification.level))
+    if scope == PreferenceScope.TOPIC:
+        wanted |= Q(user__isnull=True, scope=scope, key=key)
+    audience: dict[int, set[str]] = {}
+    level: dict[int, set[str]] = {}
+    fallback = app_default_channels()
+    for rule in Preference.objects.filter(wanted):
+        if rule.user_id is None:
+            fallback = rule_channels(rule)  # the staff default beats the app's
+        elif rule.scope == PreferenceScope.LEVEL:
+            level[rule.user_id] = rule_channels(rule)
+        else:
+            audience[rule.user_id] = rule_channels(rule)
+    return {uid: audience.get(uid, fallback) | level.get(uid, set()) for uid in ids}
+
+
+def channels_for(user, notification: Notification, *, now: datetime | None = None) -> set[str]:
+    """The external channels (a subset of ``CHANNELS``) that deliver ``notification`` to ``user``.
+
+    Quiet hours do not remove a channel, they delay it: ``held_until(user, now)`` says until when
+    (``now`` is accepted for callers that decide both at once; the rule itself does not depend on it).
+    """
+    return channels_for_users([user.pk], notification)[user.pk]
+
+
+def quiet_end(settings: DeliverySettings | None, now: datetime) -> datetime | None:
+    """The end (aware, UTC) of the quiet period ``now`` falls in, in the settings' time zone;
+    None outside quiet hours or without them. A period may cross midnight (22:00 to 07:00)."""
+    if settings is None or settings.quiet_start is None or settings.quiet_end is None:
+        return None
+    start, end = settings.quiet_start, settings.quiet_end
+    if start == end:
+        return None
+    zone = ZoneInfo(settings.timezone)
+    local = now.astimezone(zone)
+    clock = local.time().replace(tzinfo=None)
+    day: date = local.date()
+    if start < end:
+        if not start <= clock < end:
+            return None
+    elif clock >= start:  # crossing midnight, before it: the period ends tomorrow
+        day += timedelta(days=1)
+    elif clock >= end:
+        return None
+    # A wall-clock end that a DST change skips (02:30 on a spring-forward day) is read with the
+    # offset before the change, which lands just after the gap.
+    return datetime.combine(day, end.replace(tzinfo=None), tzinfo=zone).astimezone(UTC)
+
+
+def held_until(user, now: datetime) -> datetime | None:
+    """Until when quiet hours hold ``email`` and ``push`` for ``user`` (None: not held now)."""
+    return quiet_end(DeliverySettings.objects.filter(user_id=user.pk).first(), now)
+
+
+def held_until_for_users(user_ids: Iterable[int], now: datetime) -> dict[int, datetime | None]:
+    """``held_until`` of many users at once, in one query."""
+    ids = list(dict.fromkeys(user_ids))
+    found = {s.user_id: s for s in DeliverySettings.objects.filter(user_id__in=ids)}
+    return {uid: quiet_end(found.get(uid), now) for uid in ids}
+
+
+# Reads for the API and the admin
+
+
+def rules_of(user) -> list[Preference]:
+    """The user's own rules, in a stable order."""
+    return list(Preference.objects.filter(user=user).order_by("scope", "key"))
+
+
+def delivery_settings_of(user) -> DeliverySettings:
+    """The user's delivery settings (the defaults, unsaved, when they never set any)."""
+    return DeliverySettings.objects.filter(user_id=user.pk).first() or DeliverySettings(user_id=user.pk)
+
+
+def staff_defaults(slugs: Iterable[str]) -> dict[str, Preference]:
+    """``{slug: staff default}`` of the topics among ``slugs`` that have one."""
+    rows = Preference.objects.filter(user__isnull=True, scope=PreferenceScope.TOPIC, key__in=list(slugs))
+    return {rule.key: rule for rule in rows}
+
+
+def topic_defaults_for(user) -> list[dict]:
+    """The effective defaults of the topics ``user`` follows: the staff default, else the app's."""
+    slugs = list(
+        Topic.objects.filter(follows__user=user, follows__ended_at__isnull=True).order_by("slug").values_list(
+            "slug", flat=True
+        )
+    )
+    by_slug = staff_defaults(slugs)
+    app = app_default_channels()
+    result = []
+    for slug in slugs:
+        rule = by_slug.get(slug)
+        channels = rule_channels(rule) if rule is not None else app
+        result.append({"topic": slug, "source": "staff" if rule is not None else "app",
+                       **{channel: channel in channels for channel in CHANNELS}})
+    return result
