@@ -203,9 +203,11 @@ def ws_base(server: LiveServer) -> str:
 
 
 async def send_notifications(world: World, server: LiveServer, ledger: Ledger, *, count: int, rate: float,
-                             timeout: float = 10.0) -> None:
+                             timeout: float = 10.0, retries: list | None = None) -> None:
     """Send ``count`` notifications through ``server``'s API at a steady ``rate`` per second
-    (one request at a time), recording each answer in ``ledger``."""
+    (one request at a time), recording each answer in ``ledger``. With ``retries`` (a list), a
+    503 with ``Retry-After`` is retried after that delay, as a client should (up to 3 times),
+    and each such answer is appended to ``retries`` instead of being a refusal."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     for i in range(count):
@@ -213,13 +215,20 @@ async def send_notifications(world: World, server: LiveServer, ledger: Ledger, *
         if delay > 0:
             await asyncio.sleep(delay)
         kind, username, payload = ledger.next_payload(world.members)
-        try:
-            response = await asyncio.to_thread(http_request, server, "POST", SEND_PATH, token=world.staff_token,
-                                               json_body=payload, timeout=timeout)
-        except OSError as exc:
-            ledger.refused.append({"status": None, "content_type": None, "body": f"{type(exc).__name__}: {exc}"})
-            continue
-        ledger.record(kind, username, response)
+        for attempt in range(4):
+            try:
+                response = await asyncio.to_thread(http_request, server, "POST", SEND_PATH, token=world.staff_token,
+                                                   json_body=payload, timeout=timeout)
+            except OSError as exc:
+                ledger.refused.append({"status": None, "content_type": None, "body": f"{type(exc).__name__}: {exc}"})
+                break
+            retry_after = response.headers.get("Retry-After")
+            if retries is None or attempt == 3 or response.status != 503 or not retry_after:
+                ledger.record(kind, username, response)
+                break
+            retries.append({"status": response.status, "content_type": response.headers.get("Content-Type"),
+                            "retry_after": retry_after})
+            await asyncio.sleep(min(float(retry_after), 2.0))
 
 
 # Logs
@@ -633,7 +642,11 @@ async def database_unavailable(world: World, *, clients: int = 20, before: int =
             facts["proxy_refused"] = proxy.refused
             proxy.restore()
             refused_before = len(ledger.refused)
-            await send_notifications(world, server, ledger, count=after, rate=rate)
+            # Sent as a client should: a 503 with Retry-After (a pooled connection that died in the
+            # cut, found dead on its first use after it) is tried again after that delay.
+            facts["retried_after_restore"] = []
+            await send_notifications(world, server, ledger, count=after, rate=rate,
+                                     retries=facts["retried_after_restore"])
             facts["refused_after_restore"] = ledger.refused[refused_before:]
             complete = await _deliver(connected, ledger, assignments, deliver_timeout)
             facts["closed_total"] = sum(len(c.close_codes) for c in connected)

@@ -192,6 +192,10 @@ async def test_database_briefly_unavailable(world):
     assert (facts["pongs_while_cut"], facts["closed_while_cut"], facts["closed_total"]) == (20, 0, 0), text
     # Restored: sends work again and reach the clients.
     assert facts["refused_after_restore"] == [], text
+    # A retried send was told to come back (503 JSON, Retry-After), never a 500.
+    retried = facts["retried_after_restore"]
+    assert all(r["status"] == 503 and r["content_type"] == "application/json" for r in retried), text
+    assert len(retried) <= 3, text
     assert_delivered(outcome, text)
     # A new connection during the cut is told to come back later (4013), without a traceback.
     known_bug("HTTP 500" in facts["new_connection_while_cut"], HandshakeNeedsDatabaseBug, text)
