@@ -606,12 +606,17 @@ class PreferencesIn(Strict):
     )
 
 
-class RuleOut(Schema):
-    scope: str
-    key: str
+class ChannelsOut(Schema):
+    """The external channels a rule or default turns on."""
+
     email: bool
     digest: bool
     push: bool
+
+
+class RuleOut(ChannelsOut):
+    scope: str
+    key: str
 
 
 class DeliverySettingsOut(Schema):
@@ -621,12 +626,9 @@ class DeliverySettingsOut(Schema):
     digest: str
 
 
-class TopicDefaultOut(Schema):
+class TopicDefaultOut(ChannelsOut):
     topic: str
     source: Literal["staff", "app"] = Field(description="`staff`: the topic's default; `app`: DELIVERY_DEFAULTS.")
-    email: bool
-    digest: bool
-    push: bool
 
 
 class PreferencesOut(Schema):
@@ -643,11 +645,8 @@ class TopicDefaultIn(Strict):
     push: StrictBool = False
 
 
-class TopicDefaultSetOut(Schema):
+class TopicDefaultSetOut(ChannelsOut):
     topic: str
-    email: bool
-    digest: bool
-    push: bool
 
 
 def _clock_text(value) -> str | None:
@@ -657,8 +656,7 @@ def _clock_text(value) -> str | None:
 def _preferences_body(user) -> dict[str, Any]:
     delivery = preferences.delivery_settings_of(user)
     return {
-        "rules": [{"scope": r.scope, "key": r.key, "email": r.email, "digest": r.digest, "push": r.push}
-                  for r in preferences.rules_of(user)],
+        "rules": preferences.rules_of(user),  # (RuleOut reads the rows' fields)
         "settings": {"timezone": delivery.timezone, "quiet_start": _clock_text(delivery.quiet_start),
                      "quiet_end": _clock_text(delivery.quiet_end), "digest": delivery.digest},
         "topic_defaults": preferences.topic_defaults_for(user),

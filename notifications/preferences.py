@@ -18,8 +18,8 @@ from zoneinfo import ZoneInfo
 
 from django.db.models import Q
 
-from . import conf
-from .models import Audience, DeliverySettings, Notification, Preference, PreferenceScope, Topic
+from . import conf, selectors
+from .models import Audience, DeliverySettings, Notification, Preference, PreferenceScope
 
 CHANNELS = ("email", "digest", "push")
 # Channels that quiet hours hold until they end (digests are batched already).
@@ -68,11 +68,10 @@ def channels_for_users(user_ids: Iterable[int], notification: Notification) -> d
     return {uid: audience.get(uid, fallback) | level.get(uid, set()) for uid in ids}
 
 
-def channels_for(user, notification: Notification, *, now: datetime | None = None) -> set[str]:
+def channels_for(user, notification: Notification) -> set[str]:
     """The external channels (a subset of ``CHANNELS``) that deliver ``notification`` to ``user``.
 
-    Quiet hours do not remove a channel, they delay it: ``held_until(user, now)`` says until when
-    (``now`` is accepted for callers that decide both at once; the rule itself does not depend on it).
+    Quiet hours do not remove a channel, they delay it: ``held_until(user, now)`` says until when.
     """
     return channels_for_users([user.pk], notification)[user.pk]
 
@@ -103,7 +102,7 @@ def quiet_end(settings: DeliverySettings | None, now: datetime) -> datetime | No
 
 def held_until(user, now: datetime) -> datetime | None:
     """Until when quiet hours hold ``email`` and ``push`` for ``user`` (None: not held now)."""
-    return quiet_end(DeliverySettings.objects.filter(user_id=user.pk).first(), now)
+    return held_until_for_users([user.pk], now)[user.pk]
 
 
 def held_until_for_users(user_ids: Iterable[int], now: datetime) -> dict[int, datetime | None]:
@@ -134,11 +133,7 @@ def staff_defaults(slugs: Iterable[str]) -> dict[str, Preference]:
 
 def topic_defaults_for(user) -> list[dict]:
     """The effective defaults of the topics ``user`` follows: the staff default, else the app's."""
-    slugs = list(
-        Topic.objects.filter(follows__user=user, follows__ended_at__isnull=True).order_by("slug").values_list(
-            "slug", flat=True
-        )
-    )
+    slugs = sorted(selectors.followed_topics(user).values())
     by_slug = staff_defaults(slugs)
     app = app_default_channels()
     result = []
