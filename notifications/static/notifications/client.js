@@ -37,7 +37,8 @@
  * Usage:
  *
  *   const client = new NotificationClient({
- *     onStatus(status, detail) { ... },        // "connecting" | "connected" | "reconnecting" | "offline"
+ *     onStatus(status, detail) { ... },        // "connecting" | "connected" | "reconnecting" | "offline";
+ *                                              // detail.code: the close code (reconnecting, offline)
  *     onNotification(n, source) { ... },       // each new notification once; source "live" | "missed" | "inbox"
  *     onChange(client) { ... },                // something in client.notifications / unreadCount / topics changed
  *   });
@@ -226,10 +227,11 @@
           return;
         }
       }
-      this._scheduleReconnect();
+      this._scheduleReconnect(event.code);
     }
 
-    _scheduleReconnect() {
+    /** Reconnect after a jittered backoff; ``code``: the close code of the socket that closed, if one did. */
+    _scheduleReconnect(code) {
       if (this._stopped) return;
       const bound = Math.min(this.options.maxDelay, this.options.baseDelay * 2 ** this._attempt);
       let delay = Math.random() * bound; // full jitter
@@ -237,7 +239,9 @@
       const hint = this._handshakeError && this._handshakeError.retry_after;
       if (typeof hint === "number" && hint > 0) delay = Math.max(delay, hint * 1000);
       this._attempt += 1;
-      this._setStatus("reconnecting", { attempt: this._attempt, delay: Math.round(delay) });
+      const detail = { attempt: this._attempt, delay: Math.round(delay) };
+      if (code !== undefined) detail.code = code;
+      this._setStatus("reconnecting", detail);
       clearTimeout(this._retryTimer);
       this._retryTimer = setTimeout(() => this._connect(), delay);
     }

@@ -132,15 +132,9 @@
     return ms < 10000 ? Math.max(0.1, Math.ceil(ms / 100) / 10).toFixed(1) : String(Math.round(ms / 1000));
   }
 
-  /**
-   * The close code of the socket that just closed. client.js passes it when it goes offline;
-   * it reports a scheduled reconnect from inside the socket's close event, which the browser
-   * exposes as `window.event` while its handlers run.
-   */
+  /** The close code of the socket that just closed, as client.js reports it (null: none, or an HTTP status). */
   function closeCode(detail) {
-    if (typeof detail.code === "number" && detail.code >= 1000) return detail.code; // < 1000: an HTTP status
-    const event = window.event;
-    return typeof CloseEvent !== "undefined" && event instanceof CloseEvent ? event.code : null;
+    return typeof detail.code === "number" && detail.code >= 1000 ? detail.code : null;
   }
 
   /** The reason for a close, in words for the site's developer: the server's `error` frame and the close code. */
