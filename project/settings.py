@@ -182,37 +182,22 @@ LOGOUT_REDIRECT_URL = "/"
 # README's table sets (each feeds the key of the same name), the app's default where it is unset.
 # notifications/conf.py says what each does. Not here: Redis, which the app reads from
 # CHANNEL_LAYERS (presence shares the channel layer's hosts and prefix).
-NOTIFICATIONS = {
-    "WS_ALLOWED_ORIGINS": env.list("WS_ALLOWED_ORIGINS", default=app_defaults["WS_ALLOWED_ORIGINS"]),
-    "WS_MAX_FRAME_BYTES": env.int("WS_MAX_FRAME_BYTES", default=app_defaults["WS_MAX_FRAME_BYTES"]),
-    "WS_RATE": env.float("WS_RATE", default=app_defaults["WS_RATE"]),
-    "WS_BURST": env.int("WS_BURST", default=app_defaults["WS_BURST"]),
-    "WS_MAX_CONNECTIONS_PER_USER": env.int("WS_MAX_CONNECTIONS_PER_USER",
-                                           default=app_defaults["WS_MAX_CONNECTIONS_PER_USER"]),
-    "AUTH_FAILURES_PER_MINUTE": env.int("AUTH_FAILURES_PER_MINUTE", default=app_defaults["AUTH_FAILURES_PER_MINUTE"]),
-    "TICKETS_PER_MINUTE": env.int("TICKETS_PER_MINUTE", default=app_defaults["TICKETS_PER_MINUTE"]),
-    "WS_MAX_TOPICS": env.int("WS_MAX_TOPICS", default=app_defaults["WS_MAX_TOPICS"]),
-    "WS_MAX_QUEUED_FRAMES": env.int("WS_MAX_QUEUED_FRAMES", default=app_defaults["WS_MAX_QUEUED_FRAMES"]),
-    "REPLAY_MAX_AGE": env.int("REPLAY_MAX_AGE", default=app_defaults["REPLAY_MAX_AGE"]),
-    "REPLAY_MAX_COUNT": env.int("REPLAY_MAX_COUNT", default=app_defaults["REPLAY_MAX_COUNT"]),
-    "HUB_GAP_WAIT": env.float("HUB_GAP_WAIT", default=app_defaults["HUB_GAP_WAIT"]),
-    "HUB_SYNC_INTERVAL": env.float("HUB_SYNC_INTERVAL", default=app_defaults["HUB_SYNC_INTERVAL"]),
-    "DB_THREADS": env.int("DB_THREADS", default=app_defaults["DB_THREADS"]),
-    "DB_MAX_BACKLOG": env.int("DB_MAX_BACKLOG", default=app_defaults["DB_MAX_BACKLOG"]),
-    "PUSH_TIMEOUT": env.float("PUSH_TIMEOUT", default=app_defaults["PUSH_TIMEOUT"]),
-    "IDEMPOTENCY_TTL": env.int("IDEMPOTENCY_TTL", default=app_defaults["IDEMPOTENCY_TTL"]),
-    "API_MAX_BODY_BYTES": env.int("API_MAX_BODY_BYTES", default=app_defaults["API_MAX_BODY_BYTES"]),
-    "WS_TICKET_TTL": env.int("WS_TICKET_TTL", default=app_defaults["WS_TICKET_TTL"]),
-    "TRUSTED_PROXIES": env.list("TRUSTED_PROXIES", default=app_defaults["TRUSTED_PROXIES"]),
-    # Unset: RedisPresence with a Redis channel layer, else LocalPresence.
-    "PRESENCE_BACKEND": env.str("PRESENCE_BACKEND", default=app_defaults["PRESENCE_BACKEND"]),
-    "PRESENCE_TTL": env.int("PRESENCE_TTL", default=app_defaults["PRESENCE_TTL"]),
-    "SERVER_ID": env.str("SERVER_ID", default=app_defaults["SERVER_ID"]),
-    "METRICS_ALLOWED_IPS": env.list("METRICS_ALLOWED_IPS", default=app_defaults["METRICS_ALLOWED_IPS"]),
-    "METRICS_TOKEN": env.str("METRICS_TOKEN", default=app_defaults["METRICS_TOKEN"]),
-    # This project's admin adds "send a notification" and "disconnect" to its User admin.
-    "USER_ADMIN_ACTIONS": True,
+# Each variable feeds the app's setting of the same name (README, "Configuration"), of this type;
+# unset, the app's default. PRESENCE_BACKEND unset: RedisPresence with a Redis channel layer, else
+# LocalPresence.
+ENVIRONMENT_SETTINGS = {
+    "WS_ALLOWED_ORIGINS": env.list, "WS_MAX_FRAME_BYTES": env.int, "WS_RATE": env.float, "WS_BURST": env.int,
+    "WS_MAX_CONNECTIONS_PER_USER": env.int, "AUTH_FAILURES_PER_MINUTE": env.int, "TICKETS_PER_MINUTE": env.int,
+    "WS_MAX_TOPICS": env.int, "WS_MAX_QUEUED_FRAMES": env.int, "REPLAY_MAX_AGE": env.int,
+    "REPLAY_MAX_COUNT": env.int, "HUB_GAP_WAIT": env.float, "HUB_SYNC_INTERVAL": env.float,
+    "DB_THREADS": env.int, "DB_MAX_BACKLOG": env.int, "PUSH_TIMEOUT": env.float, "IDEMPOTENCY_TTL": env.int,
+    "API_MAX_BODY_BYTES": env.int, "WS_TICKET_TTL": env.int, "TRUSTED_PROXIES": env.list,
+    "PRESENCE_BACKEND": env.str, "PRESENCE_TTL": env.int, "SERVER_ID": env.str,
+    "METRICS_ALLOWED_IPS": env.list, "METRICS_TOKEN": env.str,
 }
+NOTIFICATIONS = {key: read(key, default=app_defaults[key]) for key, read in ENVIRONMENT_SETTINGS.items()}
+# This project's admin adds "send a notification" and "disconnect" to its User admin.
+NOTIFICATIONS["USER_ADMIN_ACTIONS"] = True
 
 # ---- Production security: HTTPS, cookies, HSTS, proxies (docs/security.md) -------------------
 # With DEBUG=0 and HTTPS=1, `manage.py check --deploy` reports nothing

@@ -39,8 +39,11 @@ STOP_TIMEOUT = 10.0
 RECV_TIMEOUT = 5.0
 # Environment variables of the app that must not leak from the developer's shell into the
 # server: the tests assert the documented defaults, or set the values they need. Every
-# ``env.<type>("NAME")`` read in project/settings.py, found when this module is imported.
-_SETTINGS_ENV = re.findall(r'env\.\w+\(\s*"([A-Z][A-Z0-9_]*)"', (BASE_DIR / "project" / "settings.py").read_text())
+# ``env.<type>("NAME")`` read in project/settings.py, and every ``"NAME": env.<type>`` of its
+# ENVIRONMENT_SETTINGS table, found when this module is imported.
+_SETTINGS_TEXT = (BASE_DIR / "project" / "settings.py").read_text()
+_SETTINGS_ENV = [*re.findall(r'env\.\w+\(\s*"([A-Z][A-Z0-9_]*)"', _SETTINGS_TEXT),
+                 *re.findall(r'"([A-Z][A-Z0-9_]*)": env\.\w+\b', _SETTINGS_TEXT)]
 APP_ENV = tuple(sorted({"DJANGO_SETTINGS_MODULE", "DATABASE_URL", "REDIS_URL", "SECRET_KEY", *_SETTINGS_ENV}))
 
 
