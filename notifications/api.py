@@ -592,7 +592,8 @@ class DeliverySettingsIn(Strict):
     timezone: StrictStr = Field("UTC", max_length=64, description="An IANA time zone, e.g. `Europe/Paris`.")
     quiet_start: StrictStr | None = Field(None, description="`HH:MM` (24 hours), with `quiet_end`.")
     quiet_end: StrictStr | None = Field(None, description="`HH:MM`; before `quiet_start` when they cross midnight.")
-    digest: Literal["off", "hourly", "daily"] = "off"
+    digest: Literal["off", "hourly", "daily"] = Field("daily", description="How often the digest is emailed.")
+    push_only_offline: StrictBool = Field(True, description="Web Push only while no socket of yours is open.")
 
 
 class PreferencesIn(Strict):
@@ -624,6 +625,7 @@ class DeliverySettingsOut(Schema):
     quiet_start: str | None
     quiet_end: str | None
     digest: str
+    push_only_offline: bool
 
 
 class TopicDefaultOut(ChannelsOut):
@@ -658,7 +660,8 @@ def _preferences_body(user) -> dict[str, Any]:
     return {
         "rules": preferences.rules_of(user),  # (RuleOut reads the rows' fields)
         "settings": {"timezone": delivery.timezone, "quiet_start": _clock_text(delivery.quiet_start),
-                     "quiet_end": _clock_text(delivery.quiet_end), "digest": delivery.digest},
+                     "quiet_end": _clock_text(delivery.quiet_end), "digest": delivery.digest,
+                     "push_only_offline": delivery.push_only_offline},
         "topic_defaults": preferences.topic_defaults_for(user),
     }
 

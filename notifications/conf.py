@@ -94,6 +94,40 @@ DEFAULTS: dict[str, Any] = {
     # its topic): {"email": bool, "digest": bool, "push": bool}, missing keys false. The socket and
     # the inbox always deliver (docs/delivery.md, "Preferences").
     "DELIVERY_DEFAULTS": {"email": False, "digest": False, "push": False},
+    # The external channels this site delivers on (docs/delivery.md): any of "email", "digest",
+    # "push" ("push" also needs VAPID_PRIVATE_KEY). [] turns them all off: a send then writes
+    # nothing beyond the notification.
+    "DELIVERY_CHANNELS": ["email", "digest", "push"],
+    # Run the delivery worker (email and Web Push) as a thread in each server process. False: run
+    # `manage.py deliver` (as many as you like; they share the work) instead.
+    "DELIVERY_WORKER": True,
+    # Seconds between the worker's looks at the store for work it was not woken for (retries, the
+    # end of quiet hours, sends from other processes); deliveries claimed at once; seconds a claim
+    # holds them (a crashed worker's claim is taken again after it).
+    "DELIVERY_POLL_INTERVAL": 5.0,
+    "DELIVERY_BATCH": 100,
+    "DELIVERY_LEASE": 120,
+    # Failed sends wait DELIVERY_RETRY_BASE * 2**(attempt - 1) seconds (at most 6 hours), and
+    # give up after DELIVERY_MAX_ATTEMPTS attempts.
+    "DELIVERY_RETRY_BASE": 30.0,
+    "DELIVERY_MAX_ATTEMPTS": 8,
+    # The site's address for links in emails and push messages (notification links, the inbox,
+    # unsubscribe): scheme and host, e.g. "https://example.com" ("" with DEBUG: http://localhost:8000).
+    "SITE_URL": "",
+    # The From address of emails (None: DEFAULT_FROM_EMAIL) and the most items one digest lists.
+    "EMAIL_FROM": None,
+    "DIGEST_MAX_ITEMS": 50,
+    # Web Push (VAPID, RFC 8292): the private key (PEM, or the raw key base64url-encoded;
+    # `manage.py generate_vapid_keys` makes a pair), the public key browsers subscribe with (derived
+    # from the private key when empty), and a contact for push services ("mailto:..." or https URL).
+    "VAPID_PRIVATE_KEY": "",
+    "VAPID_PUBLIC_KEY": "",
+    "VAPID_SUBJECT": "",
+    # Seconds a push service keeps an undelivered message; seconds a request to it may take;
+    # subscriptions kept per user (a new one beyond it replaces the oldest).
+    "WEBPUSH_TTL": 24 * 3600,
+    "WEBPUSH_TIMEOUT": 10.0,
+    "WEBPUSH_MAX_SUBSCRIPTIONS": 20,
 }
 
 # Old key names still read (each with a system-check warning, notifications.W003): old: new.

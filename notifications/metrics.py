@@ -72,6 +72,12 @@ HUB_MESSAGES = Counter("notifications_hub_messages_received",
 _HUB_MESSAGE_KINDS = {kind: HUB_MESSAGES.labels(kind) for kind in ("user", "topic", "broadcast", "control")}
 STORE_READS = Counter("notifications_hub_store_reads",
                       "Notifications a hub read from the store because their push was lost, late or dropped.")
+DELIVERIES = Counter("notifications_deliveries",
+                     "Deliveries on external channels (email, digest, push), by channel and outcome: sent, "
+                     "retried (a failure that will be tried again), failed (given up) or skipped (not sent: read "
+                     "before its digest, no address, a socket was open).", ["channel", "outcome"])
+DELIVERIES_PLANNED = Counter("notifications_deliveries_planned",
+                             "Deliveries the preferences asked for (rows written), by channel.", ["channel"])
 
 # Close codes worth a label of their own; any other (a client may send any 3000-4999) is "other".
 KNOWN_CLOSE_CODES = {1000, 1001, 1005, 1006, 1011, 1012, 4001, 4003, 4005, 4008, 4009, 4010, 4012, 4013, 4029, 4400,
@@ -134,6 +140,17 @@ def hub_message(kind: str) -> None:
 
 def sent(audience: str) -> None:
     SENT.labels(audience).inc()
+
+
+def delivery(channel: str, outcome: str, count: int = 1) -> None:
+    """``count`` deliveries on ``channel`` ended a try with ``outcome`` (sent, retried, failed, skipped)."""
+    if count:
+        DELIVERIES.labels(channel, outcome).inc(count)
+
+
+def deliveries_planned(channel: str, count: int) -> None:
+    if count:
+        DELIVERIES_PLANNED.labels(channel).inc(count)
 
 
 def resumed(outcome: dict) -> None:

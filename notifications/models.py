@@ -322,7 +322,13 @@ class DeliverySettings(models.Model):
     timezone = models.CharField(max_length=64, default="UTC", validators=[validate_time_zone])
     quiet_start = models.TimeField(null=True, blank=True)
     quiet_end = models.TimeField(null=True, blank=True)
-    digest = models.CharField(max_length=10, choices=DigestFrequency.choices, default=DigestFrequency.OFF)
+    digest = models.CharField(max_length=10, choices=DigestFrequency.choices, default=DigestFrequency.DAILY,
+                              help_text="How often the notifications that rules send to the digest are emailed.")
+    # Push only when no socket of the user is open (presence), or always.
+    push_only_offline = models.BooleanField(default=True)
+    # send_digests: when the last digest went out, and until when a run holds this user's digest.
+    last_digest_at = models.DateTimeField(null=True, blank=True)
+    digest_claim_until = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         verbose_name = "delivery settings"
@@ -337,3 +343,91 @@ class DeliverySettings(models.Model):
 
     def __str__(self) -> str:
         return f"delivery settings of {self.user_id}"
+
+
+class DeliveryChannel(models.TextChoices):
+    EMAIL = "email"
+    DIGEST = "digest"
+    PUSH = "push"
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending"  # due at ``due_at`` (a claim moves it on by the lease)
+    SENT = "sent"
+    FAILED = "failed"  # given up: ``error`` says why
+    SKIPPED = "skipped"  # not sent, and never will be: ``error`` says why (read before its digest, no address)
+
+
+class DeliveryJob(models.Model):
+    """The notifications of one send whose external deliveries are still to be planned.
+
+    Written in the sending transaction (one row per send, whatever its audience's size), read
+    by the delivery worker after commit: it writes the ``Delivery`` rows the preferences ask for
+    and deletes the job in one transaction, so a crash plans a send again and never twice
+    (``Delivery`` is unique per notification, user and channel).
+    """
+
+    notification_ids = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    # When a worker may take it (a claim moves it on by the lease; a crashed claim comes back).
+    due_at = models.DateTimeField(db_index=True)
+    claim = models.CharField(max_length=32, blank=True)
+
+    class Meta:
+        verbose_name = "delivery job"
+
+    def __str__(self) -> str:
+        return f"job {self.pk}: {len(self.notification_ids)} notification(s)"
+
+
+class Delivery(models.Model):
+    """One notification to one user on one external channel: what happened, when, and why not.
+
+    A worker claims a due row by moving ``due_at`` past now by the lease and writing its
+    ``claim`` (one conditional UPDATE, so two workers never hold the same row), sends, and marks
+    it at once. ``attempts`` counts the claims; failures wait with exponential backoff.
+    """
+
+    notification = models.ForeignKey(Notification, on_delete=models.CASCADE, related_name="deliveries")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    channel = models.CharField(max_length=10, choices=DeliveryChannel.choices)
+    status = models.CharField(max_length=10, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    due_at = models.DateTimeField()
+    claim = models.CharField(max_length=32, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    # Push: the ids of the subscriptions it reached already (a retry skips them).
+    sent_to = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        constraints = [
+            models.UniqueConstraint(fields=["notification", "user", "channel"], name="delivery_unique_per_channel")
+        ]
+        indexes = [
+            models.Index(fields=["channel", "due_at"], condition=Q(status="pending"), name="delivery_due"),
+            models.Index(fields=["user", "channel"], condition=Q(status="pending"), name="delivery_pending_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.channel} of {self.notification_id} to {self.user_id}: {self.status}"
+
+
+class PushSubscription(models.Model):
+    """One browser's Web Push subscription (``PushManager.subscribe()``'s JSON) for one user."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="push_subscriptions")
+    endpoint = models.URLField(max_length=2000, unique=True)
+    p256dh = models.CharField(max_length=100, help_text="The browser's public key (base64url).")
+    auth = models.CharField(max_length=40, help_text="The browser's authentication secret (base64url).")
+    user_agent = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_success_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "push subscription"
+
+    def __str__(self) -> str:
+        return f"push subscription {self.pk} of {self.user_id}"

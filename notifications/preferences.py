@@ -46,6 +46,17 @@ def audience_rule(notification: Notification) -> tuple[str, str]:
     return PreferenceScope.BROADCAST, ""
 
 
+def default_channels(notification: Notification) -> set[str]:
+    """The channels of a user with no rule of their own for ``notification``'s audience: the staff
+    default of its topic, else the app's (before any level rule)."""
+    scope, key = audience_rule(notification)
+    if scope == PreferenceScope.TOPIC:
+        rule = Preference.objects.filter(user__isnull=True, scope=scope, key=key).first()
+        if rule is not None:
+            return rule_channels(rule)
+    return app_default_channels()
+
+
 def channels_for_users(user_ids: Iterable[int], notification: Notification) -> dict[int, set[str]]:
     """``{user id: channels}`` for many users at once: one query for every rule that may apply."""
     ids = list(dict.fromkeys(user_ids))

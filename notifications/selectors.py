@@ -149,6 +149,15 @@ def _with_read_state(user, ids: list[int], order: str) -> list[Notification]:
     )
 
 
+def unread_among(user, ids: Iterable[int]) -> list[Notification]:
+    """The notifications among ``ids`` that ``user`` sees, has not dismissed and has not read, oldest first."""
+    ids = list(ids)
+    if not ids:
+        return []
+    found = [row["id"] for row in _union_ids(_visible_parts(user, Q(id__in=ids) & ~_read(user)))]
+    return list(Notification.objects.filter(id__in=found).select_related("topic", "actor").order_by("id"))
+
+
 def inbox_for(
     user, *, unread_only: bool = False, before: int | None = None, limit: int = 50
 ) -> list[Notification]:

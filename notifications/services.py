@@ -17,7 +17,7 @@ from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import conf, preferences, protocol, push, selectors, streams
+from . import conf, delivery, preferences, protocol, push, selectors, streams
 from .auth import ALL_SESSIONS, session_digest
 from .models import (
     Audience,
@@ -213,8 +213,16 @@ def _send_rows(rows: list[Notification], *, actor, idempotency_key: str | None) 
         if claim is not None:
             claim.notification_ids = [row.id for row in rows]
             claim.save(update_fields=["notification_ids"])
-        transaction.on_commit(lambda: push.notifications_created(rows))
+        planned = delivery.job_create(rows)  # email and push, planned by the worker after commit
+        transaction.on_commit(lambda: _after_commit(rows, planned))
     return Sent(rows)
+
+
+def _after_commit(rows: list[Notification], planned: bool) -> None:
+    """A send committed: push its notifications, and wake the delivery worker if it has work."""
+    push.notifications_created(rows)
+    if planned:
+        delivery.wake()
 
 
 def _reserve_offsets(rows: list[Notification]) -> None:
@@ -366,7 +374,8 @@ def notification_send_batch(items: Sequence[Mapping[str, Any]], *, actor=None) -
                 next_offset[stream] += 1
             if stored:
                 Notification.objects.bulk_create(stored)
-                transaction.on_commit(lambda: push.notifications_created(stored))
+                has_job = delivery.job_create(stored)
+                transaction.on_commit(lambda: _after_commit(stored, has_job))
             for index, rows in plain:
                 results[index] = ItemResult("stored", rows)
         # Key order: two batches with the same keys claim them in the same order.
@@ -594,7 +603,7 @@ def user_deactivated(*, user) -> None:
 
 RULES_MAX = 500
 RULE_FIELDS = frozenset({"scope", "key", *preferences.CHANNELS})
-SETTINGS_FIELDS = frozenset({"timezone", "quiet_start", "quiet_end", "digest"})
+SETTINGS_FIELDS = frozenset({"timezone", "quiet_start", "quiet_end", "digest", "push_only_offline"})
 _CLOCK = re.compile(r"([01]\d|2[0-3]):[0-5]\d")
 
 
@@ -640,9 +649,12 @@ def _settings_values(values: Any) -> tuple[dict[str, Any], dict[str, str]]:
     zone = values.get("timezone", "UTC")
     if not isinstance(zone, str) or zone not in time_zone_names():
         errors["settings.timezone"] = f"Unknown time zone {zone!r}: give an IANA name such as 'Europe/Paris'."
-    digest = values.get("digest", DigestFrequency.OFF)
+    digest = values.get("digest", DigestFrequency.DAILY)
     if digest not in DigestFrequency.values:
         errors["settings.digest"] = f"digest must be one of {', '.join(DigestFrequency.values)}."
+    offline = values.get("push_only_offline", True)
+    if not isinstance(offline, bool):
+        errors["settings.push_only_offline"] = "push_only_offline must be true or false."
     clocks: dict[str, time | None] = {}
     for name in ("quiet_start", "quiet_end"):
         raw = values.get(name)
@@ -655,7 +667,7 @@ def _settings_values(values: Any) -> tuple[dict[str, Any], dict[str, str]]:
         errors.setdefault(f"settings.{missing}", "Give quiet_start and quiet_end together (or neither).")
     elif start is not None and clocks["quiet_start"] is not None and clocks["quiet_start"] == clocks["quiet_end"]:
         errors.setdefault("settings.quiet_end", "quiet_end must differ from quiet_start.")
-    return {"timezone": zone, "digest": digest, **clocks}, errors
+    return {"timezone": zone, "digest": digest, "push_only_offline": offline, **clocks}, errors
 
 
 def preferences_set(*, user, rules: Sequence[Mapping[str, Any]], settings: Mapping[str, Any] | None = None) -> None:
@@ -664,7 +676,7 @@ def preferences_set(*, user, rules: Sequence[Mapping[str, Any]], settings: Mappi
     All or nothing: any invalid rule or setting raises ``ValidationError`` naming each bad field
     (``rules.<index>.<field>``, ``settings.<field>``) and stores nothing. A rule is
     ``{"scope", "key"?, "email"?, "digest"?, "push"?}`` (missing channels are off); settings are
-    ``{"timezone"?, "quiet_start"?, "quiet_end"?, "digest"?}`` (missing keys at their defaults).
+    ``{"timezone"?, "quiet_start"?, "quiet_end"?, "digest"?, "push_only_offline"?}`` (missing keys at their defaults).
     """
     if not isinstance(rules, Sequence) or isinstance(rules, str | bytes) or len(rules) > RULES_MAX:
         raise ValidationError({"rules": f"rules must list at most {RULES_MAX} rules."})
@@ -706,3 +718,31 @@ def topic_default_set(*, topic: Topic, email: bool, digest: bool, push: bool) ->
             user=None, scope=PreferenceScope.TOPIC, key=topic.slug, defaults=channels
         )
     return rule
+
+
+def email_unsubscribe(*, user, channel: str, scope: str = "", key: str = "", level: str = "") -> None:
+    """Turn one kind of email off (the one-click unsubscribe, ``mail``): ``digest`` turns digests
+    off; ``email`` turns off the email of the audience's rule (``scope``, ``key``; written as the
+    user's own rule, the other channels as they were) and of the ``level`` rule, so no later
+    notification of that audience or level is emailed. Idempotent."""
+    with transaction.atomic():
+        get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True).get()
+        if channel == "digest":
+            DeliverySettings.objects.update_or_create(user=user, defaults={"digest": DigestFrequency.OFF})
+            return
+        rule = Preference.objects.filter(user=user, scope=scope, key=key).first()
+        if rule is None and scope == PreferenceScope.TOPIC and not Topic.objects.filter(slug=key).exists():
+            pass  # the topic is gone (or renamed): its rules went or moved with it
+        elif rule is None:
+            probe = Notification(audience=Audience.BROADCAST, level=level)
+            if scope == PreferenceScope.TOPIC:
+                probe = Notification(audience=Audience.TOPIC, topic=Topic(slug=key), level=level)
+            elif scope == PreferenceScope.OWN:
+                probe = Notification(audience=Audience.USER, level=level)
+            on = preferences.default_channels(probe)
+            rule = Preference(user=user, scope=scope, key=key,
+                              **{name: name in on for name in preferences.CHANNELS})
+        if rule is not None:
+            rule.email = False
+            rule.save()
+        Preference.objects.filter(user=user, scope=PreferenceScope.LEVEL, key=level).update(email=False)

@@ -174,6 +174,12 @@ WHITENOISE_USE_FINDERS = True
 warnings.filterwarnings("ignore", "No directory at: ", UserWarning)
 warnings.filterwarnings("ignore", "StreamingHttpResponse must consume synchronous iterators", Warning)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# Email (notifications' email channel and digests; docs/delivery.md): Django's backend from one
+# URL, e.g. smtp+tls://user:password@smtp.example.com:587 (django-environ's email_url); with
+# DEBUG, printed to the console unless EMAIL_URL says otherwise.
+vars().update(env.email_url("EMAIL_URL", default="consolemail://" if DEBUG else "smtp://localhost:25"))
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="notifications@localhost")
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/"
@@ -194,6 +200,11 @@ ENVIRONMENT_SETTINGS = {
     "API_MAX_BODY_BYTES": env.int, "WS_TICKET_TTL": env.int, "TRUSTED_PROXIES": env.list,
     "PRESENCE_BACKEND": env.str, "PRESENCE_TTL": env.int, "SERVER_ID": env.str,
     "METRICS_ALLOWED_IPS": env.list, "METRICS_TOKEN": env.str,
+    "DELIVERY_CHANNELS": env.list, "DELIVERY_WORKER": env.bool, "DELIVERY_POLL_INTERVAL": env.float,
+    "DELIVERY_BATCH": env.int, "DELIVERY_LEASE": env.int, "DELIVERY_RETRY_BASE": env.float,
+    "DELIVERY_MAX_ATTEMPTS": env.int, "SITE_URL": env.str, "EMAIL_FROM": env.str, "DIGEST_MAX_ITEMS": env.int,
+    "VAPID_PRIVATE_KEY": env.str, "VAPID_PUBLIC_KEY": env.str, "VAPID_SUBJECT": env.str,
+    "WEBPUSH_TTL": env.int, "WEBPUSH_TIMEOUT": env.float, "WEBPUSH_MAX_SUBSCRIPTIONS": env.int,
 }
 NOTIFICATIONS = {key: read(key, default=app_defaults[key]) for key, read in ENVIRONMENT_SETTINGS.items()}
 # This project's admin adds "send a notification" and "disconnect" to its User admin.

@@ -217,6 +217,12 @@ def fast_password_hashing(settings):
 
 
 @pytest.fixture(autouse=True)
+def no_delivery_thread(settings):
+    """Tests run the delivery worker's rounds themselves (``delivery.run_until_idle``), not a thread."""
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "DELIVERY_WORKER": False}
+
+
+@pytest.fixture(autouse=True)
 def private_cache(settings):
     """Each test counts throttled attempts from zero, in a cache of its own."""
     settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",

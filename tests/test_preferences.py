@@ -165,7 +165,8 @@ def test_get_preferences_lists_rules_settings_and_followed_topics_defaults(clien
     response = client.get(PREFS, HTTP_AUTHORIZATION=f"Bearer {alice_token}")
     assert (response.status_code, response.json()) == (200, {
         "rules": [],
-        "settings": {"timezone": "UTC", "quiet_start": None, "quiet_end": None, "digest": "off"},
+        "settings": {"timezone": "UTC", "quiet_start": None, "quiet_end": None, "digest": "daily",
+                     "push_only_offline": True},
         "topic_defaults": [{"topic": "deploys", "source": "staff", "email": True, "digest": False, "push": False}],
     })
 
@@ -183,7 +184,8 @@ def test_put_preferences_replaces_rules_and_settings(client, alice, alice_token,
             {"scope": "level", "key": "error", "email": True, "digest": False, "push": False},
             {"scope": "topic", "key": "deploys", "email": False, "digest": False, "push": True},
         ],
-        "settings": {"timezone": "Europe/Paris", "quiet_start": "22:00", "quiet_end": "07:00", "digest": "daily"},
+        "settings": {"timezone": "Europe/Paris", "quiet_start": "22:00", "quiet_end": "07:00", "digest": "daily",
+                     "push_only_offline": True},
         "topic_defaults": [],
     })
     assert preferences.channels_for(alice, broadcast()) == set()
