@@ -33,10 +33,23 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
+from django.utils.html import format_html
 
 from . import conf, protocol, selectors, services
 from .auth import token_create, token_revoke
-from .models import ApiToken, Audience, DeliverySettings, Level, Notification, Preference, PreferenceScope, Topic
+from .models import (
+    ApiToken,
+    Audience,
+    Delivery,
+    DeliveryJob,
+    DeliverySettings,
+    Level,
+    Notification,
+    Preference,
+    PreferenceScope,
+    PushSubscription,
+    Topic,
+)
 from .presence import get_presence
 
 User = get_user_model()
@@ -174,9 +187,21 @@ class NotificationAdmin(admin.ModelAdmin):
     def read_by(self, obj):
         return selectors.read_count(obj)
 
+    @admin.display(description="email and push")
+    def deliveries(self, obj):
+        counts = Counter(obj.deliveries.values_list("channel", "status"))
+        if not counts:
+            return "none (no preference asked for one)"
+        text = ", ".join(f"{channel} {status}: {n}" for (channel, status), n in sorted(counts.items()))
+        url = reverse("admin:notifications_delivery_changelist") + f"?notification__id__exact={obj.pk}"
+        return format_html('{} (<a href="{}">see each</a>)', text, url)
+
     def get_readonly_fields(self, request, obj=None):
         # A sent notification is history: editing it would not re-push it. Use "Resend" instead.
-        return [*self.fields, "read_by"] if obj is not None else []
+        return [*self.fields, "read_by", "deliveries"] if obj is not None else []
+
+    def get_fields(self, request, obj=None):
+        return [*self.fields, "read_by", "deliveries"] if obj is not None else self.fields
 
     def save_model(self, request, obj, form, change):
         audience = {
@@ -407,8 +432,75 @@ class PreferenceAdmin(admin.ModelAdmin):
 
 @admin.register(DeliverySettings)
 class DeliverySettingsAdmin(admin.ModelAdmin):
-    list_display = ["user", "timezone", "quiet_start", "quiet_end", "digest"]
-    list_filter = ["digest"]
+    list_display = ["user", "timezone", "quiet_start", "quiet_end", "digest", "push_only_offline", "last_digest_at"]
+    list_filter = ["digest", "push_only_offline"]
+    readonly_fields = ["last_digest_at", "digest_claim_until"]
     search_fields = ["user__username", "timezone"]
     raw_id_fields = ["user"]
     list_select_related = ["user"]
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(admin.ModelAdmin):
+    """What each notification did on each external channel for each user (written by the
+    delivery worker and send_digests, never by hand); "Send again" puts failed ones back."""
+
+    list_display = ["notification", "user", "channel", "status", "attempts", "due_at", "sent_at", "short_error"]
+    list_filter = ["channel", "status", "sent_at"]
+    search_fields = ["user__username", "user__email", "notification__title", "error"]
+    list_select_related = ["notification", "user"]
+    readonly_fields = ["notification", "user", "channel", "status", "attempts", "due_at", "created_at", "sent_at",
+                       "error", "sent_to"]
+    exclude = ["claim"]
+    date_hierarchy = "created_at"
+    actions = ["send_again"]
+
+    @admin.display(description="error")
+    def short_error(self, obj):
+        return obj.error[:80] + ("…" if len(obj.error) > 80 else "")
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.action(description="Send again (failed or skipped ones, now)", permissions=["change"])
+    def send_again(self, request, queryset):
+        count = services.deliveries_retry(ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"{count} deliveries will be sent again.", messages.SUCCESS)
+
+
+@admin.register(DeliveryJob)
+class DeliveryJobAdmin(admin.ModelAdmin):
+    """Sends whose deliveries the worker has not planned yet (normally empty within seconds)."""
+
+    list_display = ["pk", "created_at", "due_at", "notification_count"]
+    readonly_fields = ["notification_ids", "created_at", "due_at"]
+    exclude = ["claim"]
+
+    @admin.display(description="notifications")
+    def notification_count(self, obj):
+        return len(obj.notification_ids)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(PushSubscription)
+class PushSubscriptionAdmin(admin.ModelAdmin):
+    """Browsers registered for Web Push; deleting one stops pushes to that browser."""
+
+    list_display = ["user", "push_service", "user_agent", "created_at", "last_success_at"]
+    search_fields = ["user__username", "endpoint", "user_agent"]
+    list_select_related = ["user"]
+    readonly_fields = ["user", "endpoint", "p256dh", "auth", "user_agent", "created_at", "last_success_at"]
+
+    @admin.display(description="push service")
+    def push_service(self, obj):
+        from urllib.parse import urlsplit
+
+        return urlsplit(obj.endpoint).hostname
+
+    def has_add_permission(self, request):
+        return False

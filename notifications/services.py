@@ -21,7 +21,9 @@ from . import conf, delivery, preferences, protocol, push, selectors, streams
 from .auth import ALL_SESSIONS, session_digest
 from .models import (
     Audience,
+    Delivery,
     DeliverySettings,
+    DeliveryStatus,
     DigestFrequency,
     Follow,
     IdempotencyKey,
@@ -746,3 +748,12 @@ def email_unsubscribe(*, user, channel: str, scope: str = "", key: str = "", lev
             rule.email = False
             rule.save()
         Preference.objects.filter(user=user, scope=PreferenceScope.LEVEL, key=level).update(email=False)
+
+
+def deliveries_retry(*, ids: Iterable[int]) -> int:
+    """Put failed or skipped deliveries back to be sent now (the admin's "Send again"); returns how many."""
+    again = Delivery.objects.filter(pk__in=list(ids), status__in=[DeliveryStatus.FAILED, DeliveryStatus.SKIPPED])
+    count = again.update(status=DeliveryStatus.PENDING, due_at=timezone.now(), attempts=0, claim="")
+    if count:
+        transaction.on_commit(delivery.wake)
+    return count

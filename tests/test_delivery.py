@@ -305,3 +305,96 @@ def test_the_digest_unsubscribe_turns_digests_off(carol):
     token = mail.unsubscribe_token(carol.pk, "digest")
     assert Client().post(f"/unsubscribe/{token}/").status_code == 200
     assert DeliverySettings.objects.get(user=carol).digest == "off"
+
+
+# Counted in /metrics, shown in the admin, run by a thread or a command
+
+
+def metric(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_deliveries_are_counted_in_metrics_by_channel_and_outcome(sent, carol, alice, client):
+    rule(carol, "own", email=True)
+    rule(alice, "own", email=True)
+    before = {outcome: metric("notifications_deliveries_total", channel="email", outcome=outcome)
+              for outcome in ("sent", "skipped")}
+    planned = metric("notifications_deliveries_planned_total", channel="email")
+    sent(users=[carol, alice])
+    delivery.run_until_idle()
+    assert metric("notifications_deliveries_planned_total", channel="email") == planned + 2
+    assert metric("notifications_deliveries_total", channel="email", outcome="sent") == before["sent"] + 1
+    assert metric("notifications_deliveries_total", channel="email", outcome="skipped") == before["skipped"] + 1
+    text = client.get("/metrics").content.decode()
+    assert 'notifications_deliveries_total{channel="email",outcome="sent"}' in text
+
+
+@pytest.fixture
+def root_client(django_user_model):
+    root = django_user_model.objects.create_superuser("root", "root@example.com", "pw")
+    client = Client()
+    client.force_login(root)
+    return client
+
+
+def test_the_admin_lists_deliveries_and_sends_failed_ones_again(sent, carol, root_client, settings):
+    settings.EMAIL_BACKEND = f"{__name__}.FailingBackend"
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "DELIVERY_MAX_ATTEMPTS": 1}
+    rule(carol, "own", email=True)
+    notification = sent(users=[carol])
+    delivery.run_until_idle()
+    row = Delivery.objects.get()
+    assert row.status == "failed"
+    page = root_client.get("/admin/notifications/delivery/?status__exact=failed")
+    assert page.status_code == 200 and b"the server said no" in page.content
+    detail = root_client.get(f"/admin/notifications/notification/{notification.pk}/change/")
+    assert b"email failed: 1" in detail.content
+    assert root_client.get(f"/admin/notifications/delivery/{row.pk}/change/").status_code == 200
+    assert root_client.get("/admin/notifications/delivery/add/").status_code == 403
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    response = root_client.post("/admin/notifications/delivery/", {"action": "send_again", "_selected_action": [row.pk]})
+    assert response.status_code == 302
+    delivery.run_until_idle()
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == ("sent", 1)
+    assert len(outbox.outbox) == 1
+    for page in ("deliveryjob", "pushsubscription", "deliverysettings"):
+        assert root_client.get(f"/admin/notifications/{page}/").status_code == 200
+
+
+def test_manage_py_deliver_once_sends_what_is_due(sent, carol):
+    from django.core.management import call_command
+
+    rule(carol, "own", email=True)
+    sent(users=[carol])
+    call_command("deliver", "--once")
+    assert len(outbox.outbox) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_worker_thread_sends_after_commit_and_stops(carol, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "DELIVERY_WORKER": True, "DELIVERY_POLL_INTERVAL": 30}
+    rule(carol, "own", email=True)
+    try:
+        services.notification_send(title="Woken", users=[carol])  # wakes (and starts) the worker after commit
+        deadline = timezone.now() + timedelta(seconds=10)
+        while not outbox.outbox and timezone.now() < deadline:
+            threading_wait(0.05)
+        assert [m.subject for m in outbox.outbox] == ["Woken"]
+        worker = delivery.start_worker()
+        assert worker is not None and worker.is_alive()
+    finally:
+        delivery.stop_worker()
+    assert not worker.is_alive()
+
+
+def threading_wait(seconds: float) -> None:
+    import threading
+
+    threading.Event().wait(seconds)
+
+
+def test_without_the_worker_setting_nothing_starts_a_thread():
+    assert delivery.start_worker() is None
