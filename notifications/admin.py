@@ -35,7 +35,7 @@ from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html
 
-from . import conf, protocol, selectors, services
+from . import conf, protocol, selectors, services, socket_receipts
 from .auth import token_create, token_revoke
 from .models import (
     ApiToken,
@@ -48,6 +48,7 @@ from .models import (
     Preference,
     PreferenceScope,
     PushSubscription,
+    SocketReceipt,
     Topic,
 )
 from .presence import get_presence
@@ -187,14 +188,16 @@ class NotificationAdmin(admin.ModelAdmin):
     def read_by(self, obj):
         return selectors.read_count(obj)
 
-    @admin.display(description="email and push")
+    @admin.display(description="deliveries")
     def deliveries(self, obj):
+        sockets = socket_receipts.receipts_of(obj).count()
+        live = f"live frame handed to the sockets of {sockets} user(s)"
         counts = Counter(obj.deliveries.values_list("channel", "status"))
         if not counts:
-            return "none (no preference asked for one)"
+            return f"{live}; no email or push (no preference asked for one)"
         text = ", ".join(f"{channel} {status}: {n}" for (channel, status), n in sorted(counts.items()))
         url = reverse("admin:notifications_delivery_changelist") + f"?notification__id__exact={obj.pk}"
-        return format_html('{} (<a href="{}">see each</a>)', text, url)
+        return format_html('{}; {} (<a href="{}">see each</a>)', live, text, url)
 
     def get_readonly_fields(self, request, obj=None):
         # A sent notification is history: editing it would not re-push it. Use "Resend" instead.
@@ -503,4 +506,20 @@ class PushSubscriptionAdmin(admin.ModelAdmin):
         return urlsplit(obj.endpoint).hostname
 
     def has_add_permission(self, request):
+        return False
+
+
+@admin.register(SocketReceipt)
+class SocketReceiptAdmin(admin.ModelAdmin):
+    """How far each user's sockets got in each stream (the live channel's delivery record)."""
+
+    list_display = ["user", "stream", "offset", "at"]
+    search_fields = ["user__username", "stream"]
+    list_select_related = ["user"]
+    readonly_fields = ["user", "stream", "offset", "at"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
         return False

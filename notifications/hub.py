@@ -26,7 +26,7 @@ import weakref
 
 from channels_redis.core import RedisChannelLayer
 
-from . import conf, metrics, protocol, selectors, streams, transport
+from . import conf, metrics, protocol, selectors, socket_receipts, streams, transport
 from .db import database_sync_to_async
 from .layers import channel_layer
 from .outage_log import OutageLog
@@ -68,6 +68,8 @@ class Hub:
         self.last_renewal = time.monotonic()
         self.markers = shard_markers(layer)
         self.marked: set[int] = set()  # the shards this hub's marker was added on
+        # (user id, stream) -> the last offset handed to a socket of the user, since the last flush.
+        self.socket_marks: socket_receipts.Marks = {}
 
     # Lifecycle
 
@@ -92,6 +94,10 @@ class Hub:
         """Leave every group and stop receiving (the process is shutting down)."""
         for task in self.tasks:
             task.cancel()
+        try:
+            await self.flush_receipts()
+        except Exception as exc:  # shutting down: the records say less than was sent, never more
+            logger.warning("hub could not write its socket receipts: %s: %s", type(exc).__name__, exc)
         if self.channel is not None:
             joined = [s for s in self.sequencer.streams if s not in self.leaving]
             joined += [self.markers[index] for index in self.marked]
@@ -324,8 +330,10 @@ class Hub:
     def _deliver(self, message: dict) -> None:
         stream, offset, frame = message["stream"], message["offset"], message["frame"]
         readers = self.registry.readers(stream)
+        marks = self.socket_marks
         for outbox in list(readers):
             outbox.offer(stream, offset, frame)
+            marks[(outbox.user_id, stream)] = offset  # offsets of a stream reach the hub in order
         metrics.delivered(len(readers), message.get("t"), time.time())  # one call per notification
 
     def _to_user(self, message: dict) -> None:
@@ -357,12 +365,19 @@ class Hub:
                     self.last_renewal = time.monotonic()
                 await self._check_memberships()
                 await self.check_streams()
+                await self.flush_receipts()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failures.failure("hub sync with the store failed", exc)
                 continue
             failures.recovered("hub sync with the store failed")
+
+    async def flush_receipts(self) -> None:
+        """Write the socket receipts noted since the last flush (``socket_receipts``)."""
+        marks, self.socket_marks = self.socket_marks, {}
+        if marks:
+            await database_sync_to_async(socket_receipts.flush)(marks)
 
     async def check_streams(self, *, fill_all: bool = False) -> None:
         """Read the heads of the ready streams (after taking their positions) and act on them."""

@@ -431,3 +431,24 @@ class PushSubscription(models.Model):
 
     def __str__(self) -> str:
         return f"push subscription {self.pk} of {self.user_id}"
+
+
+class SocketReceipt(models.Model):
+    """How far a user's sockets got in one stream: every notification of ``stream`` up to
+    ``offset`` was handed to a socket of the user (live or replayed), the last of them by ``at``.
+
+    The socket channel's delivery record: one row per user and stream, not per notification, so a
+    broadcast stays one row however many read it live. Written by each server process's hub in
+    one statement per ``HUB_SYNC_INTERVAL`` (``notifications.socket_receipts``).
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    stream = models.CharField(max_length=40)
+    offset = models.BigIntegerField()
+    at = models.DateTimeField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["stream", "user"], name="socket_receipt_unique_stream_user")]
+
+    def __str__(self) -> str:
+        return f"{self.user_id} read {self.stream} to {self.offset}"

@@ -351,6 +351,7 @@ def test_the_admin_lists_deliveries_and_sends_failed_ones_again(sent, carol, roo
     assert page.status_code == 200 and b"the server said no" in page.content
     detail = root_client.get(f"/admin/notifications/notification/{notification.pk}/change/")
     assert b"email failed: 1" in detail.content
+    assert b"live frame handed to the sockets of 0 user(s)" in detail.content
     assert root_client.get(f"/admin/notifications/delivery/{row.pk}/change/").status_code == 200
     assert root_client.get("/admin/notifications/delivery/add/").status_code == 403
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
@@ -360,7 +361,7 @@ def test_the_admin_lists_deliveries_and_sends_failed_ones_again(sent, carol, roo
     row.refresh_from_db()
     assert (row.status, row.attempts) == ("sent", 1)
     assert len(outbox.outbox) == 1
-    for page in ("deliveryjob", "pushsubscription", "deliverysettings"):
+    for page in ("deliveryjob", "pushsubscription", "deliverysettings", "socketreceipt"):
         assert root_client.get(f"/admin/notifications/{page}/").status_code == 200
 
 

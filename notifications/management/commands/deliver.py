@@ -21,7 +21,10 @@ class Command(BaseCommand):
             self.stdout.write(f"deliver: {done} jobs and deliveries handled")
             return
         worker = delivery.Worker()
-        stop = lambda *_: worker.stopping.set() or worker.woken.set()  # noqa: E731
+        def stop(*_) -> None:
+            worker.stopping.set()
+            worker.woken.set()
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         self.stdout.write("deliver: running (SIGTERM or Ctrl-C stops it after the message it is sending)")
