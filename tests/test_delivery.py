@@ -355,7 +355,8 @@ def test_the_admin_lists_deliveries_and_sends_failed_ones_again(sent, carol, roo
     assert root_client.get(f"/admin/notifications/delivery/{row.pk}/change/").status_code == 200
     assert root_client.get("/admin/notifications/delivery/add/").status_code == 403
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-    response = root_client.post("/admin/notifications/delivery/", {"action": "send_again", "_selected_action": [row.pk]})
+    response = root_client.post("/admin/notifications/delivery/",
+                                {"action": "send_again", "_selected_action": [row.pk]})
     assert response.status_code == 302
     delivery.run_until_idle()
     row.refresh_from_db()
