@@ -697,3 +697,91 @@ def put_topic_defaults(request, slug: str, payload: TopicDefaultIn):
     topic = _topic(slug)
     rule = services.topic_default_set(topic=topic, email=payload.email, digest=payload.digest, push=payload.push)
     return {"topic": topic.slug, "email": rule.email, "digest": rule.digest, "push": rule.push}
+
+
+# Web Push subscriptions (docs/delivery.md, "Web Push")
+
+
+class PushKeysIn(Strict):
+    p256dh: StrictStr = Field(description="The browser's P-256 public key: base64url of the 65-byte uncompressed "
+                              "point.")
+    auth: StrictStr = Field(description="The browser's authentication secret: base64url of 16 bytes.")
+
+
+class PushSubscriptionIn(Strict):
+    # The fields are checked by services.push_subscription_add, which names each bad one
+    # (``endpoint``, ``keys``, ``keys.p256dh``, ``keys.auth``); the schema documents their shapes.
+    endpoint: Annotated[Any, WithJsonSchema({"type": "string", "maxLength": services.PUSH_ENDPOINT_MAX})] = Field(
+        description="The push service's https:// URL for this browser."
+    )
+    keys: Annotated[Any, WithJsonSchema(PushKeysIn.model_json_schema())]
+    expirationTime: float | None = Field(None, description="As the browser gives it (ignored).")
+
+
+class PushEndpointIn(Strict):
+    endpoint: StrictStr = Field(min_length=1, max_length=services.PUSH_ENDPOINT_MAX)
+
+
+class PushSubscriptionOut(Schema):
+    id: int
+    endpoint: str
+    created_at: str
+    last_success_at: str | None = Field(description="When a push last reached it; null before the first.")
+
+
+class PushOut(Schema):
+    public_key: str | None = Field(description="The VAPID key to subscribe with (`applicationServerKey`, base64url); "
+                                   "null when the site has none.")
+    enabled: bool = Field(description="Whether the site sends Web Push (a VAPID key, and `push` a delivery channel).")
+    subscriptions: list[PushSubscriptionOut] = Field(description="Your browsers' subscriptions, oldest first.")
+
+
+def _push_subscription_body(row) -> dict[str, Any]:
+    last = row.last_success_at
+    return {"id": row.pk, "endpoint": row.endpoint, "created_at": row.created_at.isoformat(),
+            "last_success_at": last.isoformat() if last else None}
+
+
+@api.get("/push/", response={200: PushOut, **ERRORS}, summary="Web Push: the key to subscribe with, your browsers")
+def get_push(request):
+    from . import webpush
+
+    key = None
+    try:
+        key = webpush.public_key() or None
+    except (ValueError, ImportError):  # the key does not parse, or no py-vapid (notifications.E002, W007)
+        logger.error("push: VAPID_PRIVATE_KEY cannot be used: `manage.py check` says why")
+    return {"public_key": key, "enabled": key is not None and webpush.enabled(),
+            "subscriptions": [_push_subscription_body(row) for row in webpush.subscriptions_of(request.auth)]}
+
+
+@api.post(
+    "/push/subscriptions/",
+    response={200: PushSubscriptionOut, 201: PushSubscriptionOut, **ERRORS},
+    summary="Web Push: add this browser",
+    description="The body is the browser's `PushSubscription.toJSON()`. 201 stored (an endpoint another user had "
+    "moves to you); 200 you had it already (its keys are updated). A bad field is a 400 naming it (`endpoint`, "
+    "`keys.p256dh`, `keys.auth`). Beyond the most subscriptions a user keeps, your oldest is removed. 503 "
+    "`push_disabled` for a valid subscription when the site sends no Web Push.",
+)
+def add_push_subscription(request, payload: PushSubscriptionIn):
+    try:
+        row, created = services.push_subscription_add(
+            user=request.auth, subscription={"endpoint": payload.endpoint, "keys": payload.keys},
+            user_agent=request.headers.get("User-Agent", ""),
+        )
+    except services.PushDisabled as exc:
+        raise ApiError(503, "push_disabled", str(exc)) from None
+    return Status(201 if created else 200, _push_subscription_body(row))
+
+
+@api.delete(
+    "/push/subscriptions/",
+    response={204: None, **ERRORS},
+    summary="Web Push: remove a browser",
+    description="The body names the subscription: `{\"endpoint\": ...}`. 404 when you have none with that endpoint.",
+)
+def remove_push_subscription(request, payload: PushEndpointIn):
+    if not services.push_subscription_remove(user=request.auth, endpoint=payload.endpoint):
+        raise ApiError(404, "not_found", "You have no push subscription with this endpoint.")
+    return Status(204, None)

@@ -89,7 +89,53 @@ def origin_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     return messages
 
 
+@checks.register(checks.Tags.compatibility)
+def webpush_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """E002: VAPID_PRIVATE_KEY does not parse; E003: VAPID_PUBLIC_KEY is not its public key; W006:
+    VAPID_PRIVATE_KEY without VAPID_SUBJECT; W007: VAPID_PRIVATE_KEY set but pywebpush not importable."""
+    private_key = conf.settings.VAPID_PRIVATE_KEY
+    if not private_key:
+        return []
+    from . import webpush
+
+    messages: list[checks.CheckMessage] = []
+    try:
+        import py_vapid  # noqa: F401
+        import pywebpush  # noqa: F401
+    except ImportError as exc:
+        return [checks.Warning(
+            f"NOTIFICATIONS['VAPID_PRIVATE_KEY'] is set but Web Push cannot send: {exc}.",
+            hint=f"Install the app's webpush extra: {webpush.INSTALL_HINT}.",
+            id="notifications.W007",
+        )]
+    try:
+        derived = webpush.public_key_of(private_key)
+    except ValueError as exc:
+        messages.append(checks.Error(
+            f"NOTIFICATIONS['VAPID_PRIVATE_KEY'] does not parse: {exc}.",
+            hint="Give a P-256 key as PEM or as the base64url raw key; `manage.py generate_vapid_keys` makes a pair.",
+            id="notifications.E002",
+        ))
+    else:
+        given = conf.settings.VAPID_PUBLIC_KEY
+        if given and given.rstrip("=") != derived:
+            messages.append(checks.Error(
+                "NOTIFICATIONS['VAPID_PUBLIC_KEY'] is not the public key of VAPID_PRIVATE_KEY: browsers would "
+                "subscribe with a key the push services then refuse.",
+                hint=f"Set it to {derived!r}, or leave it empty (it is derived from the private key).",
+                id="notifications.E003",
+            ))
+    if not conf.settings.VAPID_SUBJECT:
+        messages.append(checks.Warning(
+            "NOTIFICATIONS['VAPID_PRIVATE_KEY'] is set without VAPID_SUBJECT: push services want a contact "
+            "(the site's SITE_URL is sent instead, and refused unless it is an https URL).",
+            hint="Set NOTIFICATIONS['VAPID_SUBJECT'] to 'mailto:you@example.com' or an https URL of the site.",
+            id="notifications.W006",
+        ))
+    return messages
+
+
 def startup_warnings() -> list[checks.CheckMessage]:
     """The app's checks, for a server process to log when it starts (``manage.py check`` is not
     run by uvicorn or Daphne)."""
-    return [*channel_layer_check(), *settings_check(), *origin_check()]
+    return [*channel_layer_check(), *settings_check(), *origin_check(), *webpush_check()]

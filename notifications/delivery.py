@@ -54,8 +54,10 @@ from .models import (
     PreferenceScope,
     PushSubscription,
 )
+from .outage_log import OutageLog
 
 logger = logging.getLogger(__name__)
+failures = OutageLog(logger)
 
 CHUNK = 500  # users per query (SQLite takes at most 999 parameters)
 MAX_BACKOFF = timedelta(hours=6)
@@ -222,9 +224,10 @@ def _mark(delivery: Delivery, token: str, **changes) -> bool:
     return bool(Delivery.objects.filter(pk=delivery.pk, claim=token).update(claim="", **changes))
 
 
-def mark_sent(delivery: Delivery, token: str, **changes) -> bool:
+def mark_sent(delivery: Delivery, token: str, *, error: str = "", **changes) -> bool:
+    """Sent (``error``: what went wrong on the way, e.g. a push subscription that refused it)."""
     now = timezone.now()
-    done = _mark(delivery, token, status=DeliveryStatus.SENT, sent_at=now, error="", **changes)
+    done = _mark(delivery, token, status=DeliveryStatus.SENT, sent_at=now, error=error[:2000], **changes)
     if done:
         metrics.delivery(delivery.channel, "sent")
     return done
@@ -319,9 +322,11 @@ class Worker(threading.Thread):
         while not self.stopping.is_set():
             try:
                 done = run_once()
-            except Exception:
-                logger.exception("delivery worker: a round failed (tried again after the poll interval)")
+            except Exception as exc:  # the database is away, say: tried again after the poll interval
+                failures.failure("delivery worker round failed", exc)
                 done = 0
+            else:
+                failures.recovered("delivery worker round failed")
             finally:
                 close_old_connections()
             if not done:

@@ -757,3 +757,125 @@ def deliveries_retry(*, ids: Iterable[int]) -> int:
     if count:
         transaction.on_commit(delivery.wake)
     return count
+
+
+# Web Push subscriptions (docs/delivery.md)
+
+PUSH_ENDPOINT_MAX = 2000
+USER_AGENT_MAX = 300
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+
+
+def _base64url_bytes(value: Any, name: str, errors: dict[str, str]) -> bytes | None:
+    """The bytes of a base64url string (padded or not); None, with ``errors[name]`` set, otherwise."""
+    import base64
+
+    if isinstance(value, str) and _BASE64URL.fullmatch(value):
+        text = value.rstrip("=")
+        try:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except ValueError:
+            pass
+    errors[name] = f"{name} must be a base64url string."
+    return None
+
+
+def _push_subscription_values(subscription: Any) -> dict[str, str]:
+    """The stored fields of a browser's ``PushSubscription.toJSON()``; ``ValidationError`` naming
+    each bad field (``endpoint``, ``keys``, ``keys.p256dh``, ``keys.auth``)."""
+    import base64
+
+    if not isinstance(subscription, Mapping):
+        raise ValidationError("The subscription must be a JSON object.")
+    errors: dict[str, str] = {}
+    endpoint = subscription.get("endpoint")
+    if not isinstance(endpoint, str) or not endpoint:
+        errors["endpoint"] = "endpoint must be the push service's https:// URL."
+    elif len(endpoint) > PUSH_ENDPOINT_MAX:
+        errors["endpoint"] = f"endpoint must be at most {PUSH_ENDPOINT_MAX} characters."
+    else:
+        try:
+            URLValidator(schemes=["https"])(endpoint)
+        except ValidationError:
+            errors["endpoint"] = "endpoint must be an https:// URL with a host."
+    keys = subscription.get("keys")
+    p256dh = auth = None
+    if not isinstance(keys, Mapping):
+        errors["keys"] = 'keys must be an object: {"p256dh": ..., "auth": ...}.'
+    else:
+        raw = _base64url_bytes(keys.get("p256dh"), "keys.p256dh", errors)
+        if raw is not None:
+            if len(raw) != 65 or raw[0] != 4:
+                errors["keys.p256dh"] = "keys.p256dh must be a 65-byte uncompressed P-256 point (0x04...)."
+            else:
+                from cryptography.hazmat.primitives.asymmetric import ec
+
+                try:
+                    ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+                    p256dh = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+                except ValueError:
+                    errors["keys.p256dh"] = "keys.p256dh is not a point on the P-256 curve."
+        secret = _base64url_bytes(keys.get("auth"), "keys.auth", errors)
+        if secret is not None:
+            if len(secret) != 16:
+                errors["keys.auth"] = "keys.auth must be 16 bytes, base64url-encoded."
+            else:
+                auth = base64.urlsafe_b64encode(secret).rstrip(b"=").decode()
+    if errors:
+        raise ValidationError(errors)
+    return {"endpoint": cast(str, endpoint), "p256dh": cast(str, p256dh), "auth": cast(str, auth)}
+
+
+class PushDisabled(Exception):
+    """The site sends no Web Push (no VAPID key, or ``push`` not in ``DELIVERY_CHANNELS``)."""
+
+
+def push_subscription_add(*, user, subscription: Mapping[str, Any], user_agent: str = "") -> tuple[Any, bool]:
+    """Store a browser's ``PushSubscription.toJSON()`` for ``user``: ``(row, created)``.
+
+    An endpoint the user has already is updated (created False); one of another user moves to
+    ``user`` (a browser profile has one endpoint). Beyond ``WEBPUSH_MAX_SUBSCRIPTIONS`` the user's
+    oldest are removed. Nothing is stored on ``ValidationError`` (naming each bad field) or, for a
+    valid subscription, ``PushDisabled``.
+    """
+    from . import webpush
+    from .models import PushSubscription
+
+    values = _push_subscription_values(subscription)
+    if not webpush.enabled():
+        raise PushDisabled("Web Push is not enabled on this site.")
+    agent = user_agent[:USER_AGENT_MAX] if protocol.is_storable_text(user_agent) else ""
+    fields = {"p256dh": values["p256dh"], "auth": values["auth"], "user_agent": agent}
+    with transaction.atomic():
+        # One user's subscriptions change one request at a time (the limit below counts them).
+        get_user_model().objects.select_for_update().filter(pk=user.pk).values_list("pk", flat=True).get()
+        row = PushSubscription.objects.select_for_update().filter(endpoint=values["endpoint"]).first()
+        created = row is None or row.user_id != user.pk
+        if row is None:
+            try:
+                with transaction.atomic():
+                    row = PushSubscription.objects.create(user=user, endpoint=values["endpoint"], **fields)
+            except IntegrityError:  # another request stored this endpoint meanwhile
+                row = PushSubscription.objects.select_for_update().get(endpoint=values["endpoint"])
+        if row.user_id != user.pk or any(getattr(row, name) != value for name, value in fields.items()):
+            if row.user_id != user.pk:
+                row.user = user
+                row.created_at = timezone.now()
+                row.last_success_at = None
+            for name, value in fields.items():
+                setattr(row, name, value)
+            row.save()
+        keep = max(1, conf.settings.WEBPUSH_MAX_SUBSCRIPTIONS)
+        mine = PushSubscription.objects.filter(user=user).order_by("-created_at", "-pk")
+        extra = list(mine.exclude(pk=row.pk).values_list("pk", flat=True)[keep - 1:])
+        if extra:
+            PushSubscription.objects.filter(pk__in=extra).delete()
+    return row, created
+
+
+def push_subscription_remove(*, user, endpoint: str) -> bool:
+    """Remove ``user``'s subscription of ``endpoint``; False when they have none."""
+    from .models import PushSubscription
+
+    deleted, _ = PushSubscription.objects.filter(user_id=user.pk, endpoint=endpoint).delete()
+    return bool(deleted)

@@ -1070,6 +1070,8 @@ def test_openapi_schema_lists_every_endpoint(client):
         "/api/topics/{slug}/follow/": {"post", "delete"},
         "/api/topics/{slug}/defaults/": {"put"},
         "/api/preferences/": {"get", "put"},
+        "/api/push/": {"get"},
+        "/api/push/subscriptions/": {"post", "delete"},
         "/api/ws-ticket/": {"post"},
     }
 

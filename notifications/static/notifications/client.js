@@ -46,6 +46,20 @@
  *   client.markRead([42]); client.markAllRead(); client.dismiss(42);
  *   client.follow("deploys"); client.unfollow("deploys"); await client.fetchTopics();
  *
+ * Web Push (docs/delivery.md), to reach the user while no page of the site is open:
+ *
+ *   NotificationClient.pushSupported();        // serviceWorker, PushManager and Notification exist
+ *   await client.pushState();                  // "unsupported" | "denied" | "off" | "on" (this browser)
+ *   await client.enablePush({serviceWorkerUrl, scope});  // both optional; returns the subscription's JSON
+ *   await client.disablePush();                // unsubscribes this browser, here and on the server
+ *
+ * `enablePush` asks the user's permission, registers the service worker (`serviceWorkerUrl`,
+ * else the option of that name, else `sw.js` beside this file's own URL; `scope`: the
+ * browser's default, the worker's folder), reads the key of `GET <apiUrl>push/`, subscribes
+ * (`userVisibleOnly`) and POSTs the subscription to `<apiUrl>push/subscriptions/`. It throws an
+ * Error whose `.code` is "unsupported", "denied" (permission refused or dismissed),
+ * "push_disabled" (the site sends no Web Push) or the server's error code.
+ *
  * State you may read: client.status, client.unreadCount, client.notifications (newest
  * first), client.topics (slugs followed), client.user, client.cursor ({stream: offset}),
  * client.epoch, client.inboxLoaded.
@@ -54,6 +68,8 @@
   "use strict";
 
   const SUBPROTOCOL = "notifications.v2";
+  // This file's own URL (while it first runs), to find the service worker beside it.
+  const SCRIPT_URL = (typeof document !== "undefined" && document.currentScript && document.currentScript.src) || null;
   const CLOSE_UNAUTHENTICATED = 4001;
   const CLOSE_FORBIDDEN = 4003;
   const CLOSE_BAD_CURSOR = 4400;
@@ -77,6 +93,7 @@
     onUnreadCount: null, // (count) => {}
     onChange: null, // (client) => {}
     onError: null, // (error) => {}: a failed request (REST or WebSocket)
+    serviceWorkerUrl: null, // Web Push: the service worker; null: sw.js beside this file
   };
 
   function readCookie(name) {
@@ -502,6 +519,90 @@
       return data;
     }
 
+    // Web Push
+
+    /** Whether this browser can receive Web Push (a service worker, PushManager, Notification). */
+    static pushSupported() {
+      return (
+        typeof navigator !== "undefined" && "serviceWorker" in navigator &&
+        "PushManager" in root && "Notification" in root
+      );
+    }
+
+    /** "unsupported" | "denied" | "off" | "on": whether this browser is subscribed. */
+    async pushState() {
+      if (!NotificationClient.pushSupported()) return "unsupported";
+      if (Notification.permission === "denied") return "denied";
+      if (Notification.permission !== "granted") return "off";
+      for (const registration of await this._pushRegistrations()) {
+        if (await registration.pushManager.getSubscription()) return "on";
+      }
+      return "off";
+    }
+
+    /** Subscribe this browser and store the subscription on the server; its JSON. */
+    async enablePush({ serviceWorkerUrl, scope } = {}) {
+      if (!NotificationClient.pushSupported()) throw codedError("unsupported", "This browser has no Web Push.");
+      const permission = await Notification.requestPermission();
+      if (permission !== "granted") throw codedError("denied", "Notifications are not allowed in this browser.");
+      const url = this._serviceWorkerUrl(serviceWorkerUrl);
+      const registration = await activated(
+        await navigator.serviceWorker.register(url, scope ? { scope } : undefined)
+      );
+      const info = await this._api("GET", "push/");
+      if (!info.enabled || !info.public_key) throw codedError("push_disabled", "This site sends no Web Push.");
+      const key = base64UrlBytes(info.public_key);
+      let subscription = await registration.pushManager.getSubscription();
+      if (subscription && !sameKey(subscription.options && subscription.options.applicationServerKey, key)) {
+        await subscription.unsubscribe(); // made with another key: push services would refuse our messages
+        subscription = null;
+      }
+      if (!subscription) {
+        try {
+          subscription = await registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key });
+        } catch (error) {
+          if (error && error.name === "NotAllowedError") throw codedError("denied", error.message);
+          throw error;
+        }
+      }
+      const json = subscription.toJSON();
+      await this._api("POST", "push/subscriptions/", json);
+      return json;
+    }
+
+    /** Unsubscribe this browser, and remove its subscription from the server; whether there was one. */
+    async disablePush() {
+      if (!NotificationClient.pushSupported()) return false;
+      let removed = false;
+      for (const registration of await this._pushRegistrations()) {
+        const subscription = await registration.pushManager.getSubscription();
+        if (!subscription) continue;
+        const endpoint = subscription.endpoint;
+        await subscription.unsubscribe();
+        removed = true;
+        try {
+          await this._api("DELETE", "push/subscriptions/", { endpoint });
+        } catch (error) {
+          if (error.status !== 404) throw error; // 404: the server had dropped it already
+        }
+      }
+      return removed;
+    }
+
+    _serviceWorkerUrl(url) {
+      url = url || this.options.serviceWorkerUrl;
+      if (url) return new URL(url, root.location.href).href;
+      return new URL("sw.js", SCRIPT_URL || new URL("/static/notifications/client.js", root.location.href)).href;
+    }
+
+    /** This site's registrations of our service worker (every registration when none is ours). */
+    async _pushRegistrations() {
+      const all = await navigator.serviceWorker.getRegistrations();
+      const url = this._serviceWorkerUrl();
+      const ours = all.filter((r) => [r.active, r.waiting, r.installing].some((w) => w && w.scriptURL === url));
+      return ours.length ? ours : all;
+    }
+
     // Other tabs of this browser
 
     _openChannel() {
@@ -555,6 +656,34 @@
     return Object.assign(new Error(error.message || `HTTP ${response.status}`), {
       status: response.status,
       code: error.code,
+    });
+  }
+
+  function codedError(code, message) {
+    return Object.assign(new Error(message), { code });
+  }
+
+  /** A base64url string's bytes (an `applicationServerKey`). */
+  function base64UrlBytes(text) {
+    const base64 = (text + "=".repeat((4 - (text.length % 4)) % 4)).replace(/-/g, "+").replace(/_/g, "/");
+    return Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+  }
+
+  function sameKey(buffer, bytes) {
+    if (!buffer) return false;
+    const other = new Uint8Array(buffer);
+    return other.length === bytes.length && other.every((byte, i) => byte === bytes[i]);
+  }
+
+  /** The registration once it has an active worker (pushManager.subscribe needs one). */
+  function activated(registration) {
+    if (registration.active) return Promise.resolve(registration);
+    const worker = registration.installing || registration.waiting;
+    return new Promise((resolve, reject) => {
+      worker.addEventListener("statechange", () => {
+        if (worker.state === "activated") resolve(registration);
+        else if (worker.state === "redundant") reject(new Error("the service worker failed to install"));
+      });
     });
   }
 
