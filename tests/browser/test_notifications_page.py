@@ -474,3 +474,37 @@ def test_the_page_at_desktop_and_phone_widths(open_page, api_send, alice, tmp_pa
     expect(phone.locator("#notification-list .item")).to_have_count(6)
     assert no_horizontal_scroll(phone)
     phone.screenshot(path=folder / "phone-inbox.png", animations="disabled")
+
+
+def test_the_delivery_settings_at_desktop_and_phone_widths(open_page, alice, tmp_path):
+    """Screenshots of the delivery settings dialog (docs/screenshots/preferences.png and
+    phone-preferences.png with UPDATE_SCREENSHOTS=1), a few rules ticked; nothing scrolls sideways at 375 px."""
+    from notifications import services
+    from notifications.models import Topic
+
+    seed_inbox(alice)
+    security = Topic.objects.get(slug="security")
+    run_in_thread(services.topic_follow, user=alice, topic=security)
+    services.topic_default_set(topic=security, email=True, digest=False, push=True)
+    services.preferences_set(user=alice, rules=[
+        {"scope": "own", "email": True, "push": True},
+        {"scope": "topic", "key": "deploys", "digest": True},
+        {"scope": "level", "key": "error", "email": True, "push": True},
+        {"scope": "level", "key": "warning", "digest": True},
+    ], settings={"timezone": "Europe/Paris", "quiet_start": "22:00", "quiet_end": "07:00", "digest": "daily"})
+    folder = SCREENSHOTS if os.environ.get("UPDATE_SCREENSHOTS") == "1" else tmp_path
+    folder.mkdir(parents=True, exist_ok=True)
+
+    # Desktop: tall enough for the whole dialog.
+    for viewport, name in [({"width": 1280, "height": 1180}, "preferences.png"), (PHONE, "phone-preferences.png")]:
+        page = open_page(alice, viewport=viewport)
+        expect_connected(page)
+        page.get_by_role("button", name="Delivery settings").click()
+        dialog = page.get_by_role("dialog", name="Delivery settings")
+        expect(dialog).to_be_visible()
+        expect(dialog.locator(".dialog-body")).to_have_attribute("aria-busy", "false")
+        expect(page.get_by_role("checkbox", name="Deploys: Digest")).to_be_checked()
+        expect(page.get_by_role("checkbox", name="Security: Email")).to_be_checked()  # staff's default
+        expect(page.locator("#push-state")).not_to_have_text("Checking…")
+        assert no_horizontal_scroll(page)
+        page.screenshot(path=folder / name, animations="disabled")

@@ -4,7 +4,8 @@
  * Bell and badge, the dropdown list (click an item to mark it read, dismiss, mark all
  * read), toasts for new notifications, the topic list and the connection status, with the
  * reason the server gave when it refused or closed the socket (its `error` frame and the close
- * code, docs/protocol.md). A site may tune the client by setting
+ * code, docs/protocol.md), and the delivery settings dialog (docs/delivery.md: the preferences
+ * REST API, and this browser's Web Push). A site may tune the client by setting
  * `window.notificationClientOptions` (for example `{maxDelay: 10000}`) before this script runs.
  */
 (function () {
@@ -372,6 +373,437 @@
     }
     for (const stale of known.values()) stale.remove();
   }
+
+  // Delivery settings (docs/delivery.md, "Preferences"): which notifications also go out by email,
+  // in the digest or as Web Push. GET /api/preferences/ fills the dialog; Save PUTs all of it.
+
+  const CHANNELS = ["email", "digest", "push"];
+  const CHANNEL_NAMES = { email: "Email", digest: "Digest", push: "Push" };
+  const LEVELS = ["info", "success", "warning", "error"];
+  const NO_CHANNELS = { email: false, digest: false, push: false };
+  const PUSH_TEXT = {
+    loading: "Checking…",
+    unavailable: "Not available on this site yet",
+    unsupported: "Not supported by this browser",
+    denied: "Blocked: allow notifications for this site in the browser’s site settings",
+    off: "Off in this browser",
+    on: "On in this browser",
+  };
+  const pref = {
+    button: $("settings-button"),
+    dialog: $("settings"),
+    form: $("settings-form"),
+    body: document.querySelector("#settings .dialog-body"),
+    close: $("settings-close"),
+    cancel: $("settings-cancel"),
+    loadError: $("settings-load-error"),
+    audience: $("rules-audience"),
+    levels: $("rules-levels"),
+    timezone: $("pref-timezone"),
+    timezones: $("timezones"),
+    timezoneHint: $("pref-timezone-hint"),
+    useTimezone: $("use-browser-timezone"),
+    digest: $("pref-digest"),
+    quietStart: $("pref-quiet-start"),
+    quietEnd: $("pref-quiet-end"),
+    quietClear: $("quiet-clear"),
+    pushOffline: $("pref-push-offline"),
+    pushState: $("push-state"),
+    pushToggle: $("push-toggle"),
+    pushError: $("push-error"),
+    status: $("settings-status"),
+    save: $("settings-save"),
+  };
+  // The settings inputs, by the name an error's `fields` key gives them (`settings.<name>`).
+  const SETTING_INPUTS = {
+    timezone: pref.timezone,
+    quiet_start: pref.quietStart,
+    quiet_end: pref.quietEnd,
+    digest: pref.digest,
+    push_only_offline: pref.pushOffline,
+  };
+  const browserTimezone = (() => {
+    try {
+      return Intl.DateTimeFormat().resolvedOptions().timeZone || "";
+    } catch (error) {
+      return "";
+    }
+  })();
+  // One per row of the table: {scope, key, label, defaults (null for levels), explicit, boxes, tr, note, reset, error}.
+  let prefRows = [];
+  let keptRules = []; // rules without a row here (a topic no longer followed): PUT back as they are
+  let prefsLoading = 0; // which load is current (a second open supersedes the first)
+
+  /**
+   * GET or PUT /api/preferences/. Not client._api: its errors drop `error.fields`, which this
+   * form shows next to the fields they name.
+   */
+  async function preferencesRequest(method, body) {
+    const options = client.options;
+    const headers = { Accept: "application/json" };
+    if (method !== "GET") {
+      const csrf = options.csrfToken && options.csrfToken();
+      if (csrf) headers["X-CSRFToken"] = csrf;
+      headers["Content-Type"] = "application/json";
+    }
+    const response = await fetch(`${options.apiUrl}preferences/`, {
+      method,
+      headers,
+      credentials: options.credentials,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const error = data.error || {};
+      throw Object.assign(new Error(error.message || `HTTP ${response.status}`), {
+        status: response.status,
+        code: error.code,
+        fields: error.fields,
+      });
+    }
+    return data;
+  }
+
+  function channelsOf(object) {
+    return Object.fromEntries(CHANNELS.map((channel) => [channel, Boolean(object && object[channel])]));
+  }
+
+  function openSettings() {
+    setPanel(false);
+    if (!pref.dialog.open) pref.dialog.showModal();
+    loadPreferences();
+    renderPush();
+  }
+
+  function closeSettings() {
+    if (pref.dialog.open) pref.dialog.close();
+  }
+
+  async function loadPreferences() {
+    const load = ++prefsLoading;
+    pref.body.setAttribute("aria-busy", "true");
+    pref.save.disabled = true;
+    pref.loadError.hidden = true;
+    clearErrors();
+    setSaveStatus("");
+    let data, known;
+    try {
+      [data, known] = await Promise.all([
+        preferencesRequest("GET"),
+        topics.length ? topics : client.fetchTopics().catch(() => []), // for the topics' titles
+      ]);
+    } catch (error) {
+      if (load !== prefsLoading) return;
+      pref.loadError.textContent = `Your settings could not be loaded: ${error.message}. Close this and try again.`;
+      pref.loadError.hidden = false;
+      pref.body.removeAttribute("aria-busy");
+      return;
+    }
+    if (load !== prefsLoading) return;
+    fillPreferences(data, new Map(known.map((topic) => [topic.slug, topic.title])));
+    pref.body.setAttribute("aria-busy", "false");
+    pref.save.disabled = false;
+  }
+
+  function fillPreferences(data, titles) {
+    const rules = new Map(data.rules.map((rule) => [`${rule.scope}:${rule.key}`, rule]));
+    // Without a rule, "Sent to me" and "Broadcasts" get the app's default (DELIVERY_DEFAULTS),
+    // which the API shows as a followed topic's default of source "app"; else nothing.
+    const app = data.topic_defaults.find((d) => d.source === "app");
+    const appDefaults = app ? channelsOf(app) : NO_CHANNELS;
+    const specs = [
+      { scope: "own", key: "", label: "Sent to me", detail: "To you by name", defaults: appDefaults, source: "app" },
+      { scope: "broadcast", key: "", label: "Broadcasts", detail: "To everyone", defaults: appDefaults, source: "app" },
+      ...data.topic_defaults.map((d) => ({
+        scope: "topic", key: d.topic, label: titles.get(d.topic) || d.topic, detail: `#${d.topic}`,
+        defaults: channelsOf(d), source: d.source,
+      })),
+    ];
+    const levels = LEVELS.map((level) => ({
+      scope: "level", key: level, label: level[0].toUpperCase() + level.slice(1), detail: null, defaults: null,
+    }));
+    pref.audience.replaceChildren();
+    for (const row of Array.from(pref.levels.querySelectorAll(".rule-row"))) row.remove();
+    prefRows = [];
+    for (const spec of [...specs, ...levels]) {
+      const row = prefRow(spec, rules.get(`${spec.scope}:${spec.key}`), prefRows.length);
+      (spec.scope === "level" ? pref.levels : pref.audience).append(row.tr);
+      if (spec.scope === "broadcast" && data.topic_defaults.length === 0) {
+        const empty = node("tr", "empty-row");
+        const cell = node("td", "muted", "Follow a topic to choose its channels here.");
+        cell.colSpan = 4;
+        empty.append(cell);
+        pref.audience.append(empty);
+      }
+      prefRows.push(row);
+    }
+    const shown = new Set(prefRows.map((row) => `${row.scope}:${row.key}`));
+    keptRules = data.rules.filter((rule) => !shown.has(`${rule.scope}:${rule.key}`));
+
+    const settings = data.settings;
+    pref.timezone.value = settings.timezone || "";
+    pref.quietStart.value = settings.quiet_start || "";
+    pref.quietEnd.value = settings.quiet_end || "";
+    pref.digest.value = settings.digest;
+    pref.pushOffline.checked = Boolean(settings.push_only_offline);
+    showTimezoneHint();
+  }
+
+  function prefRow(spec, rule, index) {
+    const row = Object.assign({}, spec, { explicit: Boolean(rule), boxes: {} });
+    const tr = node("tr", spec.scope === "level" ? `rule-row level-row level-${spec.key}` : "rule-row");
+    tr.dataset.scope = spec.scope;
+    tr.dataset.key = spec.key;
+    const th = node("th", "rule-label");
+    th.scope = "row";
+    th.id = `rule-${index}`;
+    const name = node("span", "rule-name", spec.label);
+    if (spec.scope === "level") name.prepend(node("span", "level-dot"));
+    th.append(name);
+    if (spec.detail) th.append(node("span", "rule-detail", spec.detail));
+    if (spec.defaults) {
+      row.note = node("span", "tag tag-default", "default");
+      row.note.title = spec.source === "staff"
+        ? "You have no rule here: this is the topic’s default, set by staff"
+        : "You have no rule here: this is the site’s default";
+      row.reset = node("button", "link-button reset-button", "Use default");
+      row.reset.type = "button";
+      row.reset.setAttribute("aria-label", `${spec.label}: use the default`);
+      row.reset.addEventListener("click", () => {
+        for (const channel of CHANNELS) row.boxes[channel].checked = spec.defaults[channel];
+        row.explicit = false;
+        rowChanged(row);
+        row.boxes.email.focus();
+      });
+      th.append(row.note, row.reset);
+    }
+    row.error = node("span", "field-error");
+    row.error.id = `rule-${index}-error`;
+    row.error.hidden = true;
+    th.append(row.error);
+    tr.append(th);
+    const channels = channelsOf(rule || spec.defaults);
+    for (const channel of CHANNELS) {
+      const cell = node("td", "channel-cell");
+      const box = node("input");
+      box.type = "checkbox";
+      box.checked = channels[channel];
+      box.dataset.channel = channel;
+      box.setAttribute("aria-label", `${spec.label}: ${CHANNEL_NAMES[channel]}`);
+      box.setAttribute("aria-describedby", row.error.id);
+      box.addEventListener("change", () => rowChanged(row));
+      row.boxes[channel] = box;
+      cell.append(box);
+      tr.append(cell);
+    }
+    row.tr = tr;
+    rowChanged(row, true);
+    return row;
+  }
+
+  /** The rule a row asks for, or null: a row at its default without a rule keeps none; a level row with nothing on neither. */
+  function rowRule(row) {
+    const channels = Object.fromEntries(CHANNELS.map((channel) => [channel, row.boxes[channel].checked]));
+    const wanted = row.scope === "level"
+      ? CHANNELS.some((channel) => channels[channel])
+      : row.explicit || CHANNELS.some((channel) => channels[channel] !== row.defaults[channel]);
+    return wanted ? Object.assign({ scope: row.scope, key: row.key }, channels) : null;
+  }
+
+  function rowChanged(row, initial) {
+    if (row.note) {
+      const hasRule = rowRule(row) !== null;
+      row.note.hidden = hasRule;
+      row.reset.hidden = !hasRule;
+    }
+    if (!initial) setSaveStatus("");
+  }
+
+  function showTimezoneHint() {
+    const value = pref.timezone.value.trim();
+    pref.timezoneHint.hidden = !browserTimezone || value === browserTimezone;
+    pref.useTimezone.textContent = `Use ${browserTimezone}`;
+  }
+
+  function fillTimezones() {
+    let zones = [];
+    try {
+      if (typeof Intl.supportedValuesOf === "function") zones = Intl.supportedValuesOf("timeZone");
+    } catch (error) {
+      zones = [];
+    }
+    const all = new Set(["UTC", ...zones]);
+    if (browserTimezone) all.add(browserTimezone);
+    pref.timezones.replaceChildren(...Array.from(all).sort().map((zone) => Object.assign(node("option"), { value: zone })));
+  }
+
+  function setSaveStatus(text, state) {
+    pref.status.textContent = text;
+    pref.status.dataset.state = state || "";
+  }
+
+  function clearErrors() {
+    for (const error of pref.form.querySelectorAll(".field-error")) {
+      if (error === pref.pushError) continue;
+      error.textContent = "";
+      error.hidden = true;
+    }
+    for (const input of pref.form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+    for (const tr of pref.form.querySelectorAll("tr.invalid")) tr.classList.remove("invalid");
+  }
+
+  /** Show each of `error.fields` next to the field it names; rows: the row of each PUT rule (null: none here). */
+  function showFieldErrors(fields, rows) {
+    const elsewhere = [];
+    let first = null;
+    for (const [name, message] of Object.entries(fields)) {
+      const rule = /^rules\.(\d+)\.(\w+)$/.exec(name);
+      const setting = /^settings\.(\w+)$/.exec(name);
+      let target = null;
+      let input = null;
+      if (rule && rows[Number(rule[1])]) {
+        const row = rows[Number(rule[1])];
+        target = row.error;
+        input = row.boxes[rule[2]] || row.boxes.email;
+        row.tr.classList.add("invalid");
+      } else if (setting && SETTING_INPUTS[setting[1]]) {
+        target = pref.form.querySelector(`.field-error[data-field="settings.${setting[1]}"]`);
+        input = SETTING_INPUTS[setting[1]];
+      }
+      if (!target) {
+        elsewhere.push(message);
+        continue;
+      }
+      target.textContent = target.textContent ? `${target.textContent} ${message}` : message;
+      target.hidden = false;
+      input.setAttribute("aria-invalid", "true");
+      first = first || input;
+    }
+    if (first) first.focus();
+    return elsewhere;
+  }
+
+  async function savePreferences(event) {
+    event.preventDefault();
+    if (pref.save.disabled) return;
+    clearErrors();
+    const rules = [];
+    const rows = []; // the row of each rule, by its index (errors name `rules.<index>`)
+    for (const row of prefRows) {
+      const rule = rowRule(row);
+      if (rule) {
+        rules.push(rule);
+        rows.push(row);
+      }
+    }
+    for (const rule of keptRules) {
+      rules.push(rule);
+      rows.push(null);
+    }
+    const settings = {
+      timezone: pref.timezone.value.trim(),
+      quiet_start: pref.quietStart.value || null,
+      quiet_end: pref.quietEnd.value || null,
+      digest: pref.digest.value,
+      push_only_offline: pref.pushOffline.checked,
+    };
+    pref.save.disabled = true;
+    setSaveStatus("Saving…", "busy");
+    try {
+      const data = await preferencesRequest("PUT", { rules, settings });
+      const titles = new Map(prefRows.filter((row) => row.scope === "topic").map((row) => [row.key, row.label]));
+      fillPreferences(data, titles);
+      setSaveStatus("Saved", "saved");
+    } catch (error) {
+      const elsewhere = error.fields ? showFieldErrors(error.fields, rows) : [error.message];
+      const detail = elsewhere.length ? ` ${elsewhere.join(" ")}` : " Fix the fields marked above.";
+      setSaveStatus(`Not saved.${detail}`, "error");
+    } finally {
+      pref.save.disabled = false;
+    }
+  }
+
+  // Browser notifications: client.js's Web Push methods (on this browser, at once; not part of Save)
+
+  function pushMethods() {
+    return ["pushState", "enablePush", "disablePush"].every((name) => typeof client[name] === "function");
+  }
+
+  async function renderPush() {
+    let state;
+    if (!pushMethods()) state = "unavailable";
+    else if (typeof NotificationClient.pushSupported === "function" && !NotificationClient.pushSupported()) {
+      state = "unsupported";
+    } else {
+      try {
+        state = await client.pushState();
+      } catch (error) {
+        showPushError(error, "Could not read this browser’s notification state");
+        state = "off";
+      }
+    }
+    if (!(state in PUSH_TEXT)) state = "off";
+    pref.pushState.dataset.state = state;
+    pref.pushState.textContent = PUSH_TEXT[state];
+    pref.pushToggle.disabled = state !== "on" && state !== "off";
+    pref.pushToggle.setAttribute("aria-checked", String(state === "on"));
+    pref.pushToggle.textContent = state === "on" ? "Turn off" : "Turn on";
+  }
+
+  // What to do about an enablePush() error, by its code (client.js).
+  const PUSH_HINTS = {
+    denied: "Allow notifications for this site in the browser’s site settings, then try again.",
+    push_disabled: "The site’s administrator has not set up Web Push (its VAPID keys).",
+    unsupported: "Try another browser.",
+  };
+
+  function showPushError(error, what) {
+    const message = String((error && error.message) || error || "unknown error").replace(/[.\s]+$/, "");
+    // client.js's codes are strings; a DOMException's is a legacy number (its name says more).
+    const code = error && (typeof error.code === "string" ? error.code : error.name !== "Error" && error.name);
+    const hint = PUSH_HINTS[error && error.code];
+    pref.pushError.textContent = `${what}: ${message}${code ? ` (${code})` : ""}.${hint ? ` ${hint}` : ""}`;
+    pref.pushError.hidden = false;
+  }
+
+  async function togglePush() {
+    if (!pushMethods()) return;
+    const turnOn = pref.pushToggle.getAttribute("aria-checked") !== "true";
+    pref.pushToggle.disabled = true;
+    pref.pushError.hidden = true;
+    pref.pushState.textContent = turnOn ? "Turning on…" : "Turning off…";
+    try {
+      await (turnOn ? client.enablePush() : client.disablePush());
+    } catch (error) {
+      showPushError(error, turnOn ? "Browser notifications could not be turned on" : "Browser notifications could not be turned off");
+    }
+    await renderPush();
+  }
+
+  fillTimezones();
+  pref.button.addEventListener("click", openSettings);
+  pref.close.addEventListener("click", closeSettings);
+  pref.cancel.addEventListener("click", closeSettings);
+  pref.dialog.addEventListener("click", (event) => event.target === pref.dialog && closeSettings()); // the backdrop
+  pref.dialog.addEventListener("close", () => pref.button.focus());
+  pref.form.addEventListener("submit", savePreferences);
+  pref.form.addEventListener("input", (event) => {
+    if (event.target === pref.timezone) showTimezoneHint();
+    if (pref.status.dataset.state !== "busy") setSaveStatus("");
+  });
+  pref.useTimezone.addEventListener("click", () => {
+    pref.timezone.value = browserTimezone;
+    showTimezoneHint();
+    setSaveStatus("");
+    pref.timezone.focus();
+  });
+  pref.quietClear.addEventListener("click", () => {
+    pref.quietStart.value = "";
+    pref.quietEnd.value = "";
+    setSaveStatus("");
+    pref.quietStart.focus();
+  });
+  pref.pushToggle.addEventListener("click", togglePush);
 
   client.start();
 })();
