@@ -636,6 +636,10 @@ class TopicDefaultOut(ChannelsOut):
 class PreferencesOut(Schema):
     rules: list[RuleOut]
     settings: DeliverySettingsOut
+    app_defaults: ChannelsOut = Field(
+        description="The channels of a notification no rule of yours and no topic default decides "
+                    "(DELIVERY_DEFAULTS): what \"own\" and \"broadcast\" deliver without a rule."
+    )
     topic_defaults: list[TopicDefaultOut] = Field(
         description="For each topic you follow, the channels that apply when you have no rule for it."
     )
@@ -662,6 +666,7 @@ def _preferences_body(user) -> dict[str, Any]:
         "settings": {"timezone": delivery.timezone, "quiet_start": _clock_text(delivery.quiet_start),
                      "quiet_end": _clock_text(delivery.quiet_end), "digest": delivery.digest,
                      "push_only_offline": delivery.push_only_offline},
+        "app_defaults": {channel: channel in preferences.app_default_channels() for channel in preferences.CHANNELS},
         "topic_defaults": preferences.topic_defaults_for(user),
     }
 

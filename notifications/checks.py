@@ -1,7 +1,8 @@
 """System checks (``manage.py check``; also logged by each server process at startup:
-``startup_warnings``)."""
+``startup_warnings``). Ids: W001-W008, E001-E003."""
 
 import difflib
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core import checks
@@ -135,7 +136,26 @@ def webpush_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
     return messages
 
 
+@checks.register(checks.Tags.compatibility)
+def site_url_check(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """W008: emails or pushes are on, DEBUG is off and SITE_URL is not an absolute http(s) URL."""
+    from . import delivery
+
+    if settings.DEBUG or not delivery.enabled_channels():
+        return []
+    url = urlsplit(conf.settings.SITE_URL or "")
+    if url.scheme in ("http", "https") and url.hostname:
+        return []
+    return [checks.Warning(
+        f"NOTIFICATIONS['SITE_URL'] is {conf.settings.SITE_URL!r} with DEBUG=False: the links of emails and push "
+        "messages (the notification, the inbox, unsubscribe) need the site's absolute address.",
+        hint="Set SITE_URL to the site's scheme and host, e.g. 'https://example.com', or turn the channels off "
+        "(NOTIFICATIONS['DELIVERY_CHANNELS'] = []).",
+        id="notifications.W008",
+    )]
+
+
 def startup_warnings() -> list[checks.CheckMessage]:
     """The app's checks, for a server process to log when it starts (``manage.py check`` is not
     run by uvicorn or Daphne)."""
-    return [*channel_layer_check(), *settings_check(), *origin_check(), *webpush_check()]
+    return [*channel_layer_check(), *settings_check(), *origin_check(), *webpush_check(), *site_url_check()]

@@ -400,3 +400,30 @@ def threading_wait(seconds: float) -> None:
 
 def test_without_the_worker_setting_nothing_starts_a_thread():
     assert delivery.start_worker() is None
+
+
+# The site's address, for links
+
+
+@pytest.mark.parametrize(("site_url", "debug", "channels", "warned"), [
+    ("", False, ["email"], True),
+    ("example.com", False, ["email"], True),
+    ("https://example.com", False, ["email"], False),
+    ("", True, ["email"], False),
+    ("", False, [], False),
+])
+def test_w008_warns_without_an_absolute_site_url_in_production(settings, site_url, debug, channels, warned):
+    from notifications import checks
+
+    settings.DEBUG = debug
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "SITE_URL": site_url, "DELIVERY_CHANNELS": channels}
+    assert [m.id for m in checks.site_url_check()] == (["notifications.W008"] if warned else [])
+
+
+def test_links_are_absolute_from_site_url_and_debug_has_a_default(settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "SITE_URL": "https://notify.example/"}
+    assert mail.absolute("/deploys/1") == "https://notify.example/deploys/1"
+    assert mail.absolute("https://elsewhere.example/x") == "https://elsewhere.example/x"
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "SITE_URL": ""}
+    settings.DEBUG = True
+    assert mail.site_url() == "http://localhost:8000"

@@ -17,6 +17,7 @@ PRODUCTION = {
     "ALLOWED_HOSTS": "notify.example.com",
     "REDIS_URL": "redis://127.0.0.1:6379/0",  # not contacted by the checks; without it notifications.W001 warns
     "HTTPS": "1",
+    "SITE_URL": "https://notify.example.com",  # without it notifications.W008 warns (links in emails)
 }
 
 

@@ -167,6 +167,7 @@ def test_get_preferences_lists_rules_settings_and_followed_topics_defaults(clien
         "rules": [],
         "settings": {"timezone": "UTC", "quiet_start": None, "quiet_end": None, "digest": "daily",
                      "push_only_offline": True},
+        "app_defaults": {"email": False, "digest": False, "push": False},
         "topic_defaults": [{"topic": "deploys", "source": "staff", "email": True, "digest": False, "push": False}],
     })
 
@@ -186,6 +187,7 @@ def test_put_preferences_replaces_rules_and_settings(client, alice, alice_token,
         ],
         "settings": {"timezone": "Europe/Paris", "quiet_start": "22:00", "quiet_end": "07:00", "digest": "daily",
                      "push_only_offline": True},
+        "app_defaults": {"email": False, "digest": False, "push": False},
         "topic_defaults": [],
     })
     assert preferences.channels_for(alice, broadcast()) == set()
@@ -297,3 +299,9 @@ def test_a_topics_rules_follow_its_rename_and_go_with_its_deletion(alice):
     assert not Preference.objects.exists()
     again = Topic.objects.create(slug="releases", title="A new topic of that slug")
     assert not Preference.objects.filter(key=again.slug).exists()
+
+
+def test_the_app_default_is_reported_for_rows_no_rule_decides(client, alice, alice_token, settings):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "DELIVERY_DEFAULTS": {"email": True}}
+    response = client.get(PREFS, HTTP_AUTHORIZATION=f"Bearer {alice_token}")
+    assert response.json()["app_defaults"] == {"email": True, "digest": False, "push": False}

@@ -507,10 +507,8 @@
 
   function fillPreferences(data, titles) {
     const rules = new Map(data.rules.map((rule) => [`${rule.scope}:${rule.key}`, rule]));
-    // Without a rule, "Sent to me" and "Broadcasts" get the app's default (DELIVERY_DEFAULTS),
-    // which the API shows as a followed topic's default of source "app"; else nothing.
-    const app = data.topic_defaults.find((d) => d.source === "app");
-    const appDefaults = app ? channelsOf(app) : NO_CHANNELS;
+    // Without a rule, "Sent to me" and "Broadcasts" get the app's default (DELIVERY_DEFAULTS).
+    const appDefaults = data.app_defaults ? channelsOf(data.app_defaults) : NO_CHANNELS;
     const specs = [
       { scope: "own", key: "", label: "Sent to me", detail: "To you by name", defaults: appDefaults, source: "app" },
       { scope: "broadcast", key: "", label: "Broadcasts", detail: "To everyone", defaults: appDefaults, source: "app" },
