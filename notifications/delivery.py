@@ -267,6 +267,12 @@ def mark_failed(delivery: Delivery, token: str, reason: str, *, permanent: bool 
     return done
 
 
+def fail_all(rows: list[Delivery], token: str, reason: str) -> None:
+    """A failed try of every claimed row (the channel cannot send at all now): each retried later."""
+    for row in rows:
+        mark_failed(row, token, reason)
+
+
 # The senders, by channel: each takes the claimed rows and their token, and marks every row.
 Sender = Callable[[list[Delivery], str], None]
 

@@ -154,8 +154,7 @@ def send_emails(rows: list[Delivery], token: str) -> None:
     try:
         connection = open_connection()
     except Exception as exc:
-        for row in rows:
-            delivery.mark_failed(row, token, f"email backend unavailable: {type(exc).__name__}: {exc}")
+        delivery.fail_all(rows, token, f"email backend unavailable: {type(exc).__name__}: {exc}")
         return
     try:
         for row in rows:

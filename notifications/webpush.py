@@ -256,14 +256,12 @@ def send_pushes(rows: list[Delivery], token: str) -> None:
         import requests
         from pywebpush import webpush
     except ImportError as exc:
-        for row in rows:
-            delivery.mark_failed(row, token, f"Web Push is not installed ({exc}): {INSTALL_HINT}")
+        delivery.fail_all(rows, token, f"Web Push is not installed ({exc}): {INSTALL_HINT}")
         return
     try:
         vapid = vapid_key()
     except ValueError as exc:
-        for row in rows:
-            delivery.mark_failed(row, token, f"VAPID_PRIVATE_KEY does not parse: {exc}")
+        delivery.fail_all(rows, token, f"VAPID_PRIVATE_KEY does not parse: {exc}")
         return
     user_ids = sorted({row.user_id for row in rows})
     by_user: dict[int, list[PushSubscription]] = defaultdict(list)

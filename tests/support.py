@@ -40,3 +40,26 @@ def session_cookie(user) -> str:
     client = Client()
     client.force_login(user)
     return client.cookies["sessionid"].value
+
+
+class StubEmailBackend:
+    """An email backend that accepts every message and keeps none (subclasses change one step)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def open(self):
+        return True
+
+    def close(self):
+        pass
+
+    def send_messages(self, messages):
+        return len(messages)
+
+
+class FailingEmailBackend(StubEmailBackend):
+    """An email backend whose server refuses every message (as a full mailbox server would)."""
+
+    def send_messages(self, messages):
+        raise ConnectionRefusedError("the server said no")

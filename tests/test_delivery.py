@@ -194,24 +194,8 @@ def test_a_user_without_an_address_is_skipped_with_the_reason(sent, alice):
     assert (row.status, row.error) == ("skipped", "the user has no email address")
 
 
-class FailingBackend:
-    """An email backend whose server refuses every message (as a full mailbox server would)."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def open(self):
-        return True
-
-    def close(self):
-        pass
-
-    def send_messages(self, messages):
-        raise ConnectionRefusedError("the server said no")
-
-
 def test_a_failed_send_is_retried_with_backoff_then_given_up(sent, carol, settings):
-    settings.EMAIL_BACKEND = f"{__name__}.FailingBackend"
+    settings.EMAIL_BACKEND = "tests.support.FailingEmailBackend"
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "DELIVERY_MAX_ATTEMPTS": 3, "DELIVERY_RETRY_BASE": 10}
     rule(carol, "own", email=True)
     sent(users=[carol])
@@ -340,7 +324,7 @@ def root_client(django_user_model):
 
 
 def test_the_admin_lists_deliveries_and_sends_failed_ones_again(sent, carol, root_client, settings):
-    settings.EMAIL_BACKEND = f"{__name__}.FailingBackend"
+    settings.EMAIL_BACKEND = "tests.support.FailingEmailBackend"
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "DELIVERY_MAX_ATTEMPTS": 1}
     rule(carol, "own", email=True)
     notification = sent(users=[carol])

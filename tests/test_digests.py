@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from notifications import delivery, digests, services
 from notifications.models import Delivery, DeliverySettings, Notification, Preference
+from tests.support import FailingEmailBackend, StubEmailBackend
 
 pytestmark = [pytest.mark.django_db(transaction=False)]
 
@@ -205,19 +206,10 @@ def test_a_user_just_sent_to_is_not_claimed_again(carol):
     assert digests.claim(carol.pk, now) is None
 
 
-class OvertakenBackend:
+class OvertakenBackend(StubEmailBackend):
     """Sends, but so slowly that the lease runs out and another run claims the user meanwhile."""
 
     other_claim = timezone.now() + timedelta(days=1)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def open(self):
-        return True
-
-    def close(self):
-        pass
 
     def send_messages(self, messages):
         DeliverySettings.objects.update(digest_claim_until=self.other_claim)
@@ -234,23 +226,7 @@ def test_a_run_whose_lease_ran_out_marks_its_digest_but_leaves_the_new_claim(car
     assert "the claim ran out before the marks" in caplog.text
 
 
-class FailingBackend:
-    """An email backend whose server refuses every message."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def open(self):
-        return True
-
-    def close(self):
-        pass
-
-    def send_messages(self, messages):
-        raise ConnectionRefusedError("the server said no")
-
-
-class UnreachableBackend(FailingBackend):
+class UnreachableBackend(FailingEmailBackend):
     opened = 0
 
     def open(self):
@@ -261,7 +237,7 @@ class UnreachableBackend(FailingBackend):
 def test_a_failed_send_releases_the_claim_and_the_next_run_sends(carol, dave, settings, caplog):
     notify(carol, "Deploy")
     notify(dave, "Deploy")
-    settings.EMAIL_BACKEND = f"{__name__}.FailingBackend"
+    settings.EMAIL_BACKEND = "tests.support.FailingEmailBackend"
     assert digests.send_digests() == digests.DigestReport(failed=2)
     assert "digest to user" in caplog.text and "the server said no" in caplog.text
     row = Delivery.objects.get(user=carol)
@@ -302,7 +278,7 @@ def test_the_command_prints_the_counts_and_a_dry_run_sends_nothing(carol, alice,
 
 def test_the_command_exits_1_when_a_digest_failed(carol, settings, capsys):
     notify(carol, "Deploy")
-    settings.EMAIL_BACKEND = f"{__name__}.FailingBackend"
+    settings.EMAIL_BACKEND = "tests.support.FailingEmailBackend"
     with pytest.raises(SystemExit) as exited:
         call_command("send_digests")
     assert exited.value.code == 1
