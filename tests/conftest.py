@@ -142,6 +142,19 @@ def bob(make_user):
 
 
 @pytest.fixture
+def carol(make_user):
+    """A user with an email address (alice and bob have none)."""
+    return make_user("carol", email="carol@example.com")
+
+
+@pytest.fixture
+def locmem_email(settings):
+    """Emails kept in ``django.core.mail.outbox``; links in them under https://notify.example."""
+    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "SITE_URL": "https://notify.example"}
+
+
+@pytest.fixture
 def staff(make_user):
     return make_user("staff", staff=True)
 

@@ -22,23 +22,12 @@ from notifications.models import (
     Topic,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=False)]
-
-
-@pytest.fixture(autouse=True)
-def email_settings(settings):
-    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "SITE_URL": "https://notify.example"}
+pytestmark = [pytest.mark.django_db(transaction=False), pytest.mark.usefixtures("locmem_email")]
 
 
 @pytest.fixture
 def deploys():
     return Topic.objects.create(slug="deploys", title="Deploys")
-
-
-@pytest.fixture
-def carol(make_user):
-    return make_user("carol", email="carol@example.com")
 
 
 @pytest.fixture

@@ -14,18 +14,7 @@ from notifications import delivery, digests, services
 from notifications.models import Delivery, DeliverySettings, Notification, Preference
 from tests.support import FailingEmailBackend, StubEmailBackend
 
-pytestmark = [pytest.mark.django_db(transaction=False)]
-
-
-@pytest.fixture(autouse=True)
-def email_settings(settings):
-    settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
-    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "SITE_URL": "https://notify.example"}
-
-
-@pytest.fixture
-def carol(make_user):
-    return make_user("carol", email="carol@example.com")
+pytestmark = [pytest.mark.django_db(transaction=False), pytest.mark.usefixtures("locmem_email")]
 
 
 @pytest.fixture
