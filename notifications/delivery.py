@@ -149,11 +149,26 @@ def recipients(notification: Notification) -> dict[int, set[str]]:
     return wanted
 
 
-def _deliveries(notification: Notification, now: datetime) -> list[Delivery]:
-    wanted = recipients(notification)
-    if not wanted:
-        return []
-    ids = sorted(wanted)
+def _personal_recipients(notifications: list[Notification]) -> dict[int, set[str]]:
+    """``recipients`` for many personal notifications of one level at once (a send to many users):
+    one query per 500 users instead of one round of queries per notification."""
+    enabled = enabled_channels()
+    users = sorted({cast(int, n.recipient_id) for n in notifications})
+    wanted: dict[int, set[str]] = {}
+    for chunk in _chunks(users):
+        active = set(get_user_model().objects.filter(pk__in=chunk, is_active=True).values_list("pk", flat=True))
+        for user_id, channels in preferences.channels_for_users(sorted(active), notifications[0]).items():
+            channels &= enabled
+            if channels:
+                wanted[user_id] = channels
+    return wanted
+
+
+def _rows(pairs: list[tuple[Notification, int]], wanted: dict[int, set[str]], now: datetime) -> list[Delivery]:
+    """The deliveries of ``(notification, user)`` pairs on the channels ``wanted`` gives each user:
+    email and push due when the user's quiet hours end (now outside them), digests now; none for
+    digests turned off or for push without a browser."""
+    ids = sorted({user_id for _, user_id in pairs if user_id in wanted})
     held: dict[int, datetime | None] = {}
     digest_off: set[int] = set()
     with_browser: set[int] = set()
@@ -164,8 +179,8 @@ def _deliveries(notification: Notification, now: datetime) -> list[Delivery]:
         if any(DeliveryChannel.PUSH in wanted[uid] for uid in chunk):
             with_browser |= set(PushSubscription.objects.filter(user_id__in=chunk).values_list("user_id", flat=True))
     rows = []
-    for user_id in ids:
-        for channel in sorted(wanted[user_id]):
+    for notification, user_id in pairs:
+        for channel in sorted(wanted.get(user_id, ())):
             if channel == DeliveryChannel.DIGEST and user_id in digest_off:
                 continue  # the user turned digests off (or unsubscribed from them)
             if channel == DeliveryChannel.PUSH and user_id not in with_browser:
@@ -175,14 +190,32 @@ def _deliveries(notification: Notification, now: datetime) -> list[Delivery]:
     return rows
 
 
+def deliveries_of(notifications: list[Notification], now: datetime) -> list[Delivery]:
+    """The unsaved deliveries the preferences ask for, for the notifications of one job."""
+    rows: list[Delivery] = []
+    personal: dict[str, list[Notification]] = {}
+    for notification in notifications:
+        if notification.audience == Audience.USER:
+            personal.setdefault(notification.level, []).append(notification)
+        else:
+            wanted = recipients(notification)
+            rows += _rows([(notification, user_id) for user_id in sorted(wanted)], wanted, now)
+    for same_level in personal.values():
+        wanted = _personal_recipients(same_level)
+        rows += _rows([(n, cast(int, n.recipient_id)) for n in same_level], wanted, now)
+    return rows
+
+
 def plan_due(limit: int | None = None) -> int:
     """Plan the deliveries of the due jobs (at most ``limit``, default ``DELIVERY_BATCH``); returns
     how many jobs were planned."""
     token, jobs = claim(DeliveryJob.objects.all(), limit or conf.settings.DELIVERY_BATCH)
     for job in jobs:
         now = timezone.now()
-        notifications = Notification.objects.filter(id__in=job.notification_ids).select_related("topic")
-        rows = [row for notification in notifications for row in _deliveries(notification, now)]
+        notifications: list[Notification] = []
+        for chunk in _chunks(sorted(job.notification_ids)):
+            notifications += Notification.objects.filter(id__in=chunk).select_related("topic")
+        rows = deliveries_of(notifications, now)
         with transaction.atomic():
             if not DeliveryJob.objects.filter(pk=job.pk, claim=token).exists():
                 continue  # our lease ran out and another worker took the job: it plans it

@@ -128,6 +128,22 @@ def test_a_batch_send_is_one_job(carol, dave, staff, django_capture_on_commit_ca
     assert Delivery.objects.count() == 1
 
 
+def test_a_send_to_many_users_is_planned_in_a_few_queries_per_500_users(
+        carol, make_user, staff, django_capture_on_commit_callbacks, django_assert_max_num_queries):
+    users = [make_user(f"many-{i}") for i in range(delivery.CHUNK + 100)]
+    rule(carol, "own", email=True)
+    rule(users[0], "own", push=True, digest=True)
+    rule(users[-1], "own", email=True)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.notification_send(title="To many", users=[carol, *users], actor=staff)
+    users[-1].is_active = False  # deactivated after the send, before planning: nothing for them
+    users[-1].save(update_fields=["is_active"])
+    with django_assert_max_num_queries(20):
+        assert delivery.plan_due() == 1
+    assert sorted(Delivery.objects.values_list("user__username", "channel")) == [
+        ("carol", "email"), ("many-0", "digest")]  # many-0 has no browser: no push
+
+
 def test_quiet_hours_hold_email_until_they_end(sent, carol):
     now = timezone.now()
     start = (now - timedelta(hours=1)).time().replace(second=0, microsecond=0)
