@@ -34,7 +34,7 @@ migrate: $(VENV)/.runtime-installed
 
 run: migrate
 	$(BIN)/python manage.py demo_setup
-	$(BIN)/python manage.py runserver $(HOST):$(PORT)
+	SITE_URL=$${SITE_URL:-http://$(HOST):$(PORT)} $(BIN)/python manage.py runserver $(HOST):$(PORT)
 
 # Production serving (docs/deployment.md): uvicorn workers on one port, no migrate, no demo
 # users. Several workers need REDIS_URL; WORKERS defaults to the number of cores.
