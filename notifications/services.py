@@ -2,6 +2,7 @@
 and schedules its push with ``transaction.on_commit`` (through ``push``, the one choke point).
 """
 
+import base64
 import hashlib
 import json
 import re
@@ -17,7 +18,7 @@ from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from . import conf, delivery, preferences, protocol, push, selectors, streams
+from . import conf, delivery, preferences, protocol, push, selectors, streams, webpush
 from .auth import ALL_SESSIONS, session_digest
 from .models import (
     Audience,
@@ -32,6 +33,7 @@ from .models import (
     Notification,
     Preference,
     PreferenceScope,
+    PushSubscription,
     Receipt,
     Topic,
     time_zone_names,
@@ -768,8 +770,6 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 
 def _base64url_bytes(value: Any, name: str, errors: dict[str, str]) -> bytes | None:
     """The bytes of a base64url string (padded or not); None, with ``errors[name]`` set, otherwise."""
-    import base64
-
     if isinstance(value, str) and _BASE64URL.fullmatch(value):
         text = value.rstrip("=")
         try:
@@ -783,8 +783,6 @@ def _base64url_bytes(value: Any, name: str, errors: dict[str, str]) -> bytes | N
 def _push_subscription_values(subscription: Any) -> dict[str, str]:
     """The stored fields of a browser's ``PushSubscription.toJSON()``; ``ValidationError`` naming
     each bad field (``endpoint``, ``keys``, ``keys.p256dh``, ``keys.auth``)."""
-    import base64
-
     if not isinstance(subscription, Mapping):
         raise ValidationError("The subscription must be a JSON object.")
     errors: dict[str, str] = {}
@@ -808,7 +806,7 @@ def _push_subscription_values(subscription: Any) -> dict[str, str]:
             if len(raw) != 65 or raw[0] != 4:
                 errors["keys.p256dh"] = "keys.p256dh must be a 65-byte uncompressed P-256 point (0x04...)."
             else:
-                from cryptography.hazmat.primitives.asymmetric import ec
+                from cryptography.hazmat.primitives.asymmetric import ec  # (the [webpush] extra's)
 
                 try:
                     ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
@@ -838,9 +836,6 @@ def push_subscription_add(*, user, subscription: Mapping[str, Any], user_agent: 
     oldest are removed. Nothing is stored on ``ValidationError`` (naming each bad field) or, for a
     valid subscription, ``PushDisabled``.
     """
-    from . import webpush
-    from .models import PushSubscription
-
     values = _push_subscription_values(subscription)
     if not webpush.enabled():
         raise PushDisabled("Web Push is not enabled on this site.")
@@ -875,7 +870,5 @@ def push_subscription_add(*, user, subscription: Mapping[str, Any], user_agent: 
 
 def push_subscription_remove(*, user, endpoint: str) -> bool:
     """Remove ``user``'s subscription of ``endpoint``; False when they have none."""
-    from .models import PushSubscription
-
     deleted, _ = PushSubscription.objects.filter(user_id=user.pk, endpoint=endpoint).delete()
     return bool(deleted)
