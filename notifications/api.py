@@ -24,7 +24,7 @@ from ninja.utils import check_csrf
 from pydantic import ConfigDict, Field, StrictBool, StrictInt, StrictStr, WithJsonSchema, create_model
 from pydantic import ValidationError as PydanticValidationError
 
-from . import conf, preferences, rate_limits, selectors, services
+from . import conf, preferences, rate_limits, selectors, services, webpush
 from .auth import (
     TOO_MANY_FAILURES,
     AuthFailure,
@@ -749,8 +749,6 @@ def _push_subscription_body(row) -> dict[str, Any]:
 
 @api.get("/push/", response={200: PushOut, **ERRORS}, summary="Web Push: the key to subscribe with, your browsers")
 def get_push(request):
-    from . import webpush
-
     key = None
     try:
         key = webpush.public_key() or None
