@@ -114,5 +114,5 @@ urlpatterns = [
     path("", views.index, name="notifications-page"),
     path("unsubscribe/<str:token>/", views.unsubscribe, name="notifications-unsubscribe"),
     path("api/", _guarded(api.urls)),
-    re_path(r"^api/(?P<rest>.*)$", api_not_found, name=API_ROOT_NAME),
+    re_path(r"^api/(?P<rest>[\s\S]*)$", api_not_found, name=API_ROOT_NAME),  # any character, newlines too
 ]

@@ -146,3 +146,11 @@ def test_the_asgi_helper_can_be_imported_before_django_is_set_up():
 
     code = "import notifications.asgi, sys; assert 'notifications.models' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("path", ["/api/notifications/%0A/read/", "/api/x%0Ay/", "/api/%0D%0A"])
+def test_a_path_with_an_encoded_newline_is_a_json_404_too(client, alice_token, path):
+    """(The schema fuzzer found it: the catch-all's '.' did not match a newline, so Django answered in HTML.)"""
+    response = client.post(path, content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {alice_token}")
+    assert (response.status_code, response["Content-Type"]) == (404, "application/json")
+    assert response.json()["error"]["code"] == "not_found"
