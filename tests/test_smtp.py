@@ -197,3 +197,61 @@ def test_two_send_digests_at_once_send_each_user_one_digest(smtp, make_user):
     assert sum(sent_count(output) for output in outputs) == 30
     assert Counter(smtp.handler.recipients()) == Counter({user.email: 1 for user in users})
     assert set(Delivery.objects.values_list("status", flat=True)) == {"sent"}
+
+
+# manage.py deliver: the email worker killed mid-batch, and two at once
+
+DELIVER_ONCE = [sys.executable, "manage.py", "deliver", "--once"]
+
+
+def users_with_pending_emails(make_user, count: int) -> list:
+    users = [make_user(f"mailed{i}", email=f"mailed{i}@example.com") for i in range(count)]
+    for user in users:
+        email_rule(user)
+    services.notification_send(users=users, title="Incident resolved")
+    delivery.plan_due()
+    assert Delivery.objects.filter(channel="email", status="pending").count() == count
+    return users
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_deliver_killed_mid_batch_sends_each_email_exactly_once_after_the_lease(smtp, make_user):
+    """SIGKILL while the server holds the 5th email's DATA reply: the four before it are marked
+    sent, the next run after the 2 s lease sends the other six, and nobody gets two."""
+    require_postgres()
+    users = users_with_pending_emails(make_user, 10)
+    env = command_env(smtp, DELIVERY_LEASE="2")
+    smtp.handler.stall(5)
+    process = subprocess.Popen(DELIVER_ONCE, cwd=BASE_DIR, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert smtp.handler.stalled.wait(60), "deliver never reached the 5th email"
+        process.kill()
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    smtp.handler.release()
+    assert len(smtp.handler.messages) == 4
+    assert Delivery.objects.filter(status="sent").count() == 4  # each marked as soon as it was sent
+    time.sleep(2.5)  # the killed worker's lease on the other six runs out
+    result = subprocess.run(DELIVER_ONCE, cwd=BASE_DIR, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert Counter(smtp.handler.recipients()) == Counter({user.email: 1 for user in users})
+    assert set(Delivery.objects.values_list("status", flat=True)) == {"sent"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_deliver_processes_at_once_send_each_email_once(smtp, make_user):
+    users = users_with_pending_emails(make_user, 40)
+    smtp.handler.delay = 0.02
+    env = command_env(smtp, DELIVERY_BATCH="5")
+    processes = [subprocess.Popen(DELIVER_ONCE, cwd=BASE_DIR, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in processes:
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, out + err[-3000:]
+    assert Counter(smtp.handler.recipients()) == Counter({user.email: 1 for user in users})
+    assert set(Delivery.objects.values_list("status", flat=True)) == {"sent"}
