@@ -9,12 +9,14 @@ One measuring process (Django set up on the bench database, the in-memory channe
 calls the pipeline of notifications/delivery.py itself) runs three parts:
 
 1. **Send-path cost.** ``--sends`` (500) ``notification_send`` calls of each kind (a personal
-   send to one user, a broadcast) with every external channel off
-   (``NOTIFICATIONS["DELIVERY_CHANNELS"] = []``: no job row) and on (the default: one
-   ``DeliveryJob`` per send), the variants alternating within each of ``--rounds`` (5) rounds
-   (ABBA order). Only the calls are timed (each commits and pushes, as a send does); the jobs
-   written are deleted between rounds. Reported: µs per send per variant, and the added cost
-   per notification (on - off, paired in each round).
+   send to one user, a broadcast) in three variants: every external channel off
+   (``NOTIFICATIONS["DELIVERY_CHANNELS"] = []``: nothing); on, with no rule asking for the
+   send's audience or level (the send's one lookup, ``preferences.may_deliver``, and no job);
+   on, with a rule that asks (the lookup and one ``DeliveryJob`` per send). The variants take
+   turns within each of ``--rounds`` (5) rounds (each first, second and last in turn). Only the
+   calls are timed (each commits and pushes, as a send does); the jobs written are deleted
+   between rounds. Reported: µs per send per variant, and the added cost per notification of
+   each "on" variant (paired with "off" in each round).
 2. **Emails per second.** ``--recipients`` (10,000) users ``dbench-<i>`` with an email address
    and a rule ``Preference(scope="broadcast", email=True)``; one broadcast; then planning
    (``plan_due()`` until no job is left: the ``Delivery`` rows) and sending (``send_due("email")``
@@ -230,19 +232,34 @@ def worker(args: argparse.Namespace) -> None:
     def last_job_pk() -> int:
         return DeliveryJob.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
 
-    variants = {"off": channels_off, "on": channels_on}
+    own_rule, _ = Preference.objects.get_or_create(user_id=personal_to[0], scope="own", key="")
+
+    def asked(yes: bool) -> None:
+        """The sends' audiences have a rule that asks for email (a job per send), or none does."""
+        rules(email=yes, push=False)
+        Preference.objects.filter(pk=own_rule.pk).update(email=yes)
+
+    # off: every external channel off; unasked: on, and no rule asks (the send's one lookup, no
+    # job); on: on, and a rule asks (the lookup and one DeliveryJob per send).
+    variants = {"off": (channels_off, False), "unasked": (channels_on, False), "on": (channels_on, True)}
+
+    def use(name: str) -> None:
+        settings.NOTIFICATIONS, yes = variants[name]
+        asked(yes)
+
     for kind in ("personal", "broadcast"):  # warm-up: first queries, the push's loop, imports
         for name in variants:
-            settings.NOTIFICATIONS = variants[name]
+            use(name)
             start = last_job_pk()
             ids = {row.id for _ in range(20) for row in send(kind)}
             drop_jobs(start, ids)
     send_runs = []
+    names = list(variants)
     for rnd in range(args.rounds):
-        order = ["off", "on"] if rnd % 2 == 0 else ["on", "off"]
+        order = names[rnd % 3:] + names[:rnd % 3]  # each variant first, second and last in turn
         for kind in ("personal", "broadcast"):
-            for name in order if kind == "personal" else order[::-1]:  # ABBA within the round
-                settings.NOTIFICATIONS = variants[name]
+            for name in order if kind == "personal" else order[::-1]:
+                use(name)
                 start, ids, elapsed = last_job_pk(), set(), 0.0
                 for _ in range(args.sends):
                     t = time.perf_counter()
@@ -255,6 +272,7 @@ def worker(args: argparse.Namespace) -> None:
                 log(f"round {rnd + 1}/{args.rounds} {kind:<9} channels {name:<3} "
                     f"{1e6 * elapsed / args.sends:8.0f} µs per send, {jobs} jobs")
     settings.NOTIFICATIONS = channels_on
+    asked(False)
     cleanup(sender)
 
     # 2 and 3. Emails and pushes per second
@@ -528,14 +546,17 @@ def summarize(result: dict) -> dict:
     send_rows = []
     for kind in ("personal", "broadcast"):
         by = {v: {r["round"]: r["us_per_send"] for r in sends if r["kind"] == kind and r["variant"] == v}
-              for v in ("off", "on")}
+              for v in ("off", "unasked", "on")}
         added = [by["on"][n] - by["off"][n] for n in by["on"]]
+        checked = [by["unasked"][n] - by["off"][n] for n in by["unasked"]]
         send_rows.append({"kind": kind, "off_us": median_range(list(by["off"].values())),
+                          "unasked_us": median_range(list(by["unasked"].values())),
                           "on_us": median_range(list(by["on"].values())), "added_us": median_range(added),
+                          "check_us": median_range(checked),
                           "jobs_per_send_on": statistics.median(r["jobs_written"] / r["sends"] for r in sends
                                                                 if r["kind"] == kind and r["variant"] == "on"),
                           "jobs_off": sum(r["jobs_written"] for r in sends
-                                          if r["kind"] == kind and r["variant"] == "off")})
+                                          if r["kind"] == kind and r["variant"] in ("off", "unasked"))})
     channel_rows = []
     for channel in ("email", "push"):
         mine = [r for r in result["delivery_runs"] if r["channel"] == channel]
@@ -560,11 +581,13 @@ def table(summary: dict, args: argparse.Namespace) -> str:
 
     out = [f"Send path: {args.sends} `notification_send` calls per kind and variant, {args.rounds} rounds "
            "(median µs per send, range over rounds)", "",
-           "| send | channels off (no job) | channels on (one `DeliveryJob`) | added per notification (on − off) |",
-           "|---|---|---|---|"]
+           "| send | channels off | on, no rule asks (no job) | on, a rule asks (one `DeliveryJob`) | "
+           "added: no rule asks | added: a rule asks |",
+           "|---|---|---|---|---|---|"]
     for r in summary["send_path"]:
         what = "personal, one user" if r["kind"] == "personal" else "broadcast"
-        out.append(f"| {what} | {cell(r['off_us'])} µs | {cell(r['on_us'])} µs | {cell(r['added_us'])} µs |")
+        out.append(f"| {what} | {cell(r['off_us'])} µs | {cell(r['unasked_us'])} µs | {cell(r['on_us'])} µs | "
+                   f"{cell(r['check_us'])} µs | {cell(r['added_us'])} µs |")
     recipients = summary["channels"][0]["recipients"]
     out += ["", f"Delivery: {recipients:,} recipients, {args.repeats} repeats (median, range)",
             "", "| channel | sending, per s | transport baseline, per s | planning, ms per 1,000 recipients | "

@@ -53,11 +53,28 @@ def notifications_application(http_app, *, lifespan=None, websocket=None):
 
     from .http import BodyLimitMiddleware
 
-    return ProtocolTypeRouter({
+    return StartsDeliveryWorker(ProtocolTypeRouter({
         "http": BodyLimitMiddleware(http_app),
         "websocket": websocket if websocket is not None else websocket_application(),
         "lifespan": lifespan_chain(lifespan),
-    })
+    }))
+
+
+class StartsDeliveryWorker:
+    """Starts this process's delivery worker (``DELIVERY_WORKER``) with the first event it serves:
+    the lifespan's startup under uvicorn, the first request under a server that sends no lifespan
+    events (Daphne, ``runserver``). Not at import: importing the application starts nothing."""
+
+    def __init__(self, app):
+        self.app = app
+        self.started = False
+
+    async def __call__(self, scope, receive, send):
+        if not self.started:
+            from . import delivery
+
+            self.started = delivery.start_worker() is not None or not delivery.worker_enabled()
+        return await self.app(scope, receive, send)
 
 
 def lifespan_chain(host_lifespan=None):

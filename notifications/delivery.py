@@ -3,8 +3,8 @@
 The path of a notification to a user's mailbox or browser, each step stored before the next:
 
 1. **The send** writes one ``DeliveryJob`` beside its notifications, in the sending transaction
-   (``job_create``; one row whatever the audience's size), and wakes this process's worker
-   after commit.
+   (``job_create``; one row whatever the audience's size; none when no default and no rule can
+   ask for an external channel), and wakes this process's worker after commit.
 2. **Planning** (``plan_due``): a worker takes the job, asks the preferences which users get
    which channels (``recipients``: one query per 500 users, and for a broadcast or topic only
    the users who have a rule, when no default turns a channel on), and writes one ``Delivery``
@@ -22,9 +22,10 @@ the lease runs out, and the rows are sent by the next; so a crash between a send
 sends that one message again (the mark follows each message at once), and nothing else is ever
 sent twice: the mark of a claim that was lost and taken again matches no row.
 
-The worker (``Worker``) is a thread of each server process (``DELIVERY_WORKER``), woken after
-commit and looking every ``DELIVERY_POLL_INTERVAL`` seconds; ``manage.py deliver`` runs one on
-its own. Any number run at once.
+The worker (``Worker``) is a thread of each server process (``DELIVERY_WORKER``; started by the
+ASGI lifespan, or by the first request under a server without one), woken after commit and
+looking every ``DELIVERY_POLL_INTERVAL`` seconds; ``manage.py deliver`` runs one on its own. Any
+number run at once.
 """
 
 import logging
@@ -79,8 +80,10 @@ def enabled_channels() -> set[str]:
 def job_create(rows: list[Notification]) -> bool:
     """Inside the sending transaction: store that these notifications' deliveries are to be planned
     (the caller wakes the worker after commit: ``wake``). False, and nothing stored, when every
-    external channel is off."""
-    if not rows or not enabled_channels():
+    external channel is off, or when no default and no user's rule turns one on for these
+    notifications (``preferences.may_deliver``: one indexed lookup)."""
+    enabled = enabled_channels()
+    if not rows or not enabled or not preferences.may_deliver(rows, enabled):
         return False
     DeliveryJob.objects.create(notification_ids=[row.id for row in rows], due_at=timezone.now())
     return True
@@ -385,10 +388,14 @@ _worker: Worker | None = None
 _worker_lock = threading.Lock()
 
 
+def worker_enabled() -> bool:
+    return bool(conf.settings.DELIVERY_WORKER)
+
+
 def start_worker() -> Worker | None:
     """Start this process's worker thread once (``DELIVERY_WORKER``); None when it is off."""
     global _worker
-    if not conf.settings.DELIVERY_WORKER:
+    if not worker_enabled():
         return None
     with _worker_lock:
         if _worker is None or not _worker.is_alive():
@@ -406,7 +413,8 @@ def stop_worker() -> None:
 
 
 def wake() -> None:
-    """After a commit that stored work: wake this process's worker (starting it if need be)."""
-    worker = start_worker()
+    """After a commit that stored work: wake this process's worker, if it runs one (a server
+    process does; a script's send waits for a server's next look, or for ``manage.py deliver``)."""
+    worker = _worker
     if worker is not None:
         worker.woken.set()

@@ -289,6 +289,8 @@ class Preference(models.Model):
                 condition=Q(scope__in=["own", "broadcast"], key="") | (Q(scope__in=["topic", "level"]) & ~Q(key="")),
             ),
         ]
+        # Who has a rule for this audience or level (a send's may_deliver, the planner's candidates).
+        indexes = [models.Index(fields=["scope", "key"], name="preference_scope_key")]
 
     def __str__(self) -> str:
         whose = f"user {self.user_id}" if self.user_id is not None else "staff default"

@@ -57,6 +57,26 @@ def default_channels(notification: Notification) -> set[str]:
     return app_default_channels()
 
 
+def may_deliver(notifications: Iterable[Notification], channels: set[str]) -> bool:
+    """Whether any user may get one of ``channels`` for any of ``notifications`` (of one send): a
+    default turns one on, or some user has a rule for their audience or level that does. One
+    indexed lookup; False means planning would find nobody, so a send need not store a job."""
+    kinds: dict[tuple[str, str], Notification] = {}
+    levels: set[str] = set()
+    for notification in notifications:  # a send to many users: one kind, one level
+        kinds.setdefault(audience_rule(notification), notification)
+        levels.add(notification.level)
+    if any(default_channels(notification) & channels for notification in kinds.values()):
+        return True
+    rules = Q(scope=PreferenceScope.LEVEL, key__in=sorted(levels))
+    for scope, key in kinds:
+        rules |= Q(scope=scope, key=key)
+    any_on = Q()
+    for channel in channels:
+        any_on |= Q(**{channel: True})
+    return Preference.objects.filter(rules, any_on, user__isnull=False).exists()
+
+
 def channels_for_users(user_ids: Iterable[int], notification: Notification) -> dict[int, set[str]]:
     """``{user id: channels}`` for many users at once: one query for every rule that may apply."""
     ids = list(dict.fromkeys(user_ids))

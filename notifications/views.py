@@ -23,10 +23,7 @@ from .routing import WS_PATH
 @ensure_csrf_cookie  # client.js sends the csrftoken cookie as X-CSRFToken on REST writes
 def index(request: HttpRequest) -> HttpResponse:
     """Render the notifications page for the signed-in user."""
-    from . import delivery
     from .urls import api_root  # (the URLconf imports this module)
-
-    delivery.start_worker()  # under a server without lifespan events (runserver): with the first page
 
     client_config = {"url": WS_PATH, "apiUrl": api_root()}  # wherever the host mounted them
     context = {"client_config": client_config, "login_url": resolve_url(settings.LOGIN_URL)}

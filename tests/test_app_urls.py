@@ -135,7 +135,7 @@ async def test_a_host_lifespan_that_fails_fails_the_startup(monkeypatch):
 def test_without_a_host_lifespan_it_is_the_apps_own():
     assert app_asgi.lifespan_chain(None) is app_asgi.notifications_lifespan
     application = app_asgi.notifications_application(lambda *a: None)
-    assert application.application_mapping["lifespan"] is app_asgi.notifications_lifespan
+    assert application.app.application_mapping["lifespan"] is app_asgi.notifications_lifespan
 
 
 def test_the_asgi_helper_can_be_imported_before_django_is_set_up():

@@ -35,5 +35,5 @@ def test_bench_delivery_quick(tmp_path):
     assert email["server"]["recipients_once"] == 50 and email["deliveries_by_status"] == {"sent": 50}
     assert push["server"]["subscriptions_once"] == 50 and push["server"]["decrypted_and_vapid_verified"] == 10
     assert {(r["kind"], r["variant"]) for r in data["send_runs"]} == {
-        (kind, variant) for kind in ("personal", "broadcast") for variant in ("off", "on")}
+        (kind, variant) for kind in ("personal", "broadcast") for variant in ("off", "unasked", "on")}
     assert [r["jobs_off"] for r in data["summary"]["send_path"]] == [0, 0]

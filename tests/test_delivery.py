@@ -94,6 +94,24 @@ def test_with_every_external_channel_off_a_send_writes_no_job(sent, carol, setti
     assert not DeliveryJob.objects.exists()
 
 
+def test_a_send_no_default_and_no_rule_asks_for_writes_no_job(sent, carol, dave, deploys):
+    rule(dave, "topic", "deploys", email=True)  # another audience's rule
+    rule(dave, "level", "error", email=True)  # another level's
+    rule(carol, "broadcast")  # a rule with every channel off
+    sent(users=[carol])
+    sent(broadcast=True)
+    assert not DeliveryJob.objects.exists()
+    sent(broadcast=True, level="error")  # dave's level rule asks
+    sent(topic=deploys)  # dave's topic rule asks (planning then finds he does not follow it)
+    assert DeliveryJob.objects.count() == 2
+
+
+def test_a_staff_default_of_a_topic_makes_its_sends_write_a_job(sent, deploys):
+    services.topic_default_set(topic=deploys, email=False, digest=True, push=False)
+    sent(topic=deploys)
+    assert DeliveryJob.objects.count() == 1
+
+
 def test_push_is_not_planned_without_a_vapid_key_or_a_browser(sent, carol):
     rule(carol, "own", email=True, push=True)
     sent(users=[carol])
@@ -369,7 +387,8 @@ def test_the_worker_thread_sends_after_commit_and_stops(carol, settings):
     settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "DELIVERY_WORKER": True, "DELIVERY_POLL_INTERVAL": 30}
     rule(carol, "own", email=True)
     try:
-        services.notification_send(title="Woken", users=[carol])  # wakes (and starts) the worker after commit
+        assert delivery.start_worker() is not None  # (a server process starts it with its first event)
+        services.notification_send(title="Woken", users=[carol])  # wakes the worker after commit
         deadline = timezone.now() + timedelta(seconds=10)
         while not outbox.outbox and timezone.now() < deadline:
             threading_wait(0.05)
@@ -389,6 +408,33 @@ def threading_wait(seconds: float) -> None:
 
 def test_without_the_worker_setting_nothing_starts_a_thread():
     assert delivery.start_worker() is None
+
+
+async def test_the_asgi_application_starts_the_worker_with_its_first_event_not_at_import(settings):
+    from notifications.asgi import notifications_application
+
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "DELIVERY_WORKER": True}
+
+    async def http_app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    application = notifications_application(http_app)
+    assert delivery._worker is None  # building it started nothing
+    sent_messages = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent_messages.append(message)
+
+    try:
+        await application({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send)
+        assert sent_messages[0]["status"] == 204
+        assert delivery._worker is not None and delivery._worker.is_alive()
+    finally:
+        delivery.stop_worker()
 
 
 # The site's address, for links

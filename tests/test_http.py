@@ -162,7 +162,7 @@ async def test_no_data_upload_limit_means_none_outside_the_api(settings):
 def test_the_asgi_application_has_the_body_limit():
     from project.asgi import application
 
-    assert isinstance(application.application_mapping["http"], BodyLimitMiddleware)
+    assert isinstance(application.app.application_mapping["http"], BodyLimitMiddleware)
 
 
 # Content-Security-Policy
