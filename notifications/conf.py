@@ -94,6 +94,10 @@ DEFAULTS: dict[str, Any] = {
     # its topic): {"email": bool, "digest": bool, "push": bool}, missing keys false. The socket and
     # the inbox always deliver (docs/delivery.md, "Preferences").
     "DELIVERY_DEFAULTS": {"email": False, "digest": False, "push": False},
+    # Seconds between a server process's writes of its socket receipts (notifications/
+    # socket_receipts.py: how far each user's sockets got in each stream, the live channel's
+    # delivery record; one statement per 300 users and streams). 0: no socket receipts.
+    "SOCKET_RECEIPTS_INTERVAL": 30.0,
     # The external channels this site delivers on (docs/delivery.md): any of "email", "digest",
     # "push" ("push" also needs VAPID_PRIVATE_KEY). [] turns them all off: a send then writes
     # nothing beyond the notification.

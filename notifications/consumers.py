@@ -363,7 +363,7 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         cursor = dict(cursor or self.positions)
         if outcome["recovered"]:
             rows = outcome.pop("rows")
-            marks = self.hub.socket_marks if self.hub is not None else {}
+            marks = self.hub.socket_marks if self.hub is not None and self.hub.receipts_interval else {}
             for notification in rows:
                 outbox.put(protocol.encode(protocol.notification_frame(notification, is_read=notification.is_read)))
                 socket_receipts.note(marks, outbox.user_id, streams.stream_of(notification), notification.offset)

@@ -70,6 +70,8 @@ class Hub:
         self.marked: set[int] = set()  # the shards this hub's marker was added on
         # (user id, stream) -> the last offset handed to a socket of the user, since the last flush.
         self.socket_marks: socket_receipts.Marks = {}
+        self.receipts_interval = options.SOCKET_RECEIPTS_INTERVAL
+        self.last_receipts = time.monotonic()
 
     # Lifecycle
 
@@ -330,10 +332,14 @@ class Hub:
     def _deliver(self, message: dict) -> None:
         stream, offset, frame = message["stream"], message["offset"], message["frame"]
         readers = self.registry.readers(stream)
-        marks = self.socket_marks
-        for outbox in list(readers):
-            outbox.offer(stream, offset, frame)
-            marks[(outbox.user_id, stream)] = offset  # offsets of a stream reach the hub in order
+        if self.receipts_interval:
+            marks = self.socket_marks
+            for outbox in list(readers):
+                outbox.offer(stream, offset, frame)
+                marks[(outbox.user_id, stream)] = offset  # offsets of a stream reach the hub in order
+        else:
+            for outbox in list(readers):
+                outbox.offer(stream, offset, frame)
         metrics.delivered(len(readers), message.get("t"), time.time())  # one call per notification
 
     def _to_user(self, message: dict) -> None:
@@ -365,7 +371,8 @@ class Hub:
                     self.last_renewal = time.monotonic()
                 await self._check_memberships()
                 await self.check_streams()
-                await self.flush_receipts()
+                if self.receipts_interval and time.monotonic() - self.last_receipts >= self.receipts_interval:
+                    await self.flush_receipts()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -376,6 +383,7 @@ class Hub:
     async def flush_receipts(self) -> None:
         """Write the socket receipts noted since the last flush (``socket_receipts``)."""
         marks, self.socket_marks = self.socket_marks, {}
+        self.last_receipts = time.monotonic()
         if marks:
             await database_sync_to_async(socket_receipts.flush)(marks)
 

@@ -289,8 +289,11 @@ class Preference(models.Model):
                 condition=Q(scope__in=["own", "broadcast"], key="") | (Q(scope__in=["topic", "level"]) & ~Q(key="")),
             ),
         ]
-        # Who has a rule for this audience or level (a send's may_deliver, the planner's candidates).
-        indexes = [models.Index(fields=["scope", "key"], name="preference_scope_key")]
+        # For each channel, the rules that turn it on, by audience or level: a send's one lookup
+        # (preferences.may_deliver) and the planner's candidates never read the rules that mute,
+        # nor those of a channel the site has off.
+        indexes = [models.Index(fields=["scope", "key"], name=f"preference_{channel}_on",
+                                condition=Q(**{channel: True})) for channel in ("email", "digest", "push")]
 
     def __str__(self) -> str:
         whose = f"user {self.user_id}" if self.user_id is not None else "staff default"
@@ -440,8 +443,8 @@ class SocketReceipt(models.Model):
     ``offset`` was handed to a socket of the user (live or replayed), the last of them by ``at``.
 
     The socket channel's delivery record: one row per user and stream, not per notification, so a
-    broadcast stays one row however many read it live. Written by each server process's hub in
-    one statement per ``HUB_SYNC_INTERVAL`` (``notifications.socket_receipts``).
+    broadcast stays one row however many read it live. Written by each server process's hub
+    every ``SOCKET_RECEIPTS_INTERVAL`` (``notifications.socket_receipts``).
     """
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")

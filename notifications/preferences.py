@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from django.db import connection
 from django.db.models import Q
 
 from . import conf, selectors
@@ -68,13 +69,20 @@ def may_deliver(notifications: Iterable[Notification], channels: set[str]) -> bo
         levels.add(notification.level)
     if any(default_channels(notification) & channels for notification in kinds.values()):
         return True
-    rules = Q(scope=PreferenceScope.LEVEL, key__in=sorted(levels))
-    for scope, key in kinds:
-        rules |= Q(scope=scope, key=key)
-    any_on = Q()
-    for channel in channels:
-        any_on |= Q(**{channel: True})
-    return Preference.objects.filter(rules, any_on, user__isnull=False).exists()
+    # Written out: the ORM took 3 ms of CPU per send to build this one lookup (a profile of sends).
+    audiences = [*kinds, *((PreferenceScope.LEVEL, level) for level in sorted(levels))]
+    qn = connection.ops.quote_name
+    table, scope_column, key_column = qn(Preference._meta.db_table), qn("scope"), qn("key")
+    pairs = " OR ".join([f"({scope_column} = %s AND {key_column} = %s)"] * len(audiences))
+    pair_params: list[bool | str] = [value for audience in audiences for value in audience]
+    # One partial index per channel (models.Preference) answers each "channel AND (pairs)".
+    asks = " OR ".join(f"({qn(channel)} = %s AND ({pairs}))" for channel in sorted(channels))
+    params: list[bool | str] = []
+    for _ in channels:
+        params += [True, *pair_params]
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT 1 FROM {table} WHERE {asks} LIMIT 1", params)  # noqa: S608 - quoted names only
+        return cursor.fetchone() is not None
 
 
 def channels_for_users(user_ids: Iterable[int], notification: Notification) -> dict[int, set[str]]:

@@ -3,10 +3,11 @@ each stream, so "was this notification's frame sent to this user, and by when" h
 without a row per notification and user.
 
 The hub (and a resume's replay) notes ``(user, stream) -> offset`` in memory as it hands frames to
-sockets (``note``: a dict assignment per socket); every ``HUB_SYNC_INTERVAL`` the hub writes what
-was noted since in one statement per 500 pairs (``flush``, on a database thread), keeping the
-greater offset when two processes write the same pair. A crash loses at most the last interval's
-notes: the records say less than was sent, never more.
+sockets (``note``: a dict assignment per socket); every ``SOCKET_RECEIPTS_INTERVAL`` (30 s; 0:
+none) the hub writes what was noted since in one statement per 300 pairs (``flush``, on a
+database thread), keeping the greater offset when two processes write the same pair. The cost is
+per user and stream with news in the interval, not per notification. A crash loses at most the
+last interval's notes: the records say less than was sent, never more.
 """
 
 from datetime import datetime

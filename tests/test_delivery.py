@@ -98,6 +98,7 @@ def test_a_send_no_default_and_no_rule_asks_for_writes_no_job(sent, carol, dave,
     rule(dave, "topic", "deploys", email=True)  # another audience's rule
     rule(dave, "level", "error", email=True)  # another level's
     rule(carol, "broadcast")  # a rule with every channel off
+    rule(carol, "own", push=True)  # a channel the site has off (no VAPID key)
     sent(users=[carol])
     sent(broadcast=True)
     assert not DeliveryJob.objects.exists()

@@ -1,6 +1,7 @@
 """The socket channel's delivery records: the hub notes what it hands to each user's sockets
 (live or replayed) and writes one row per user and stream (notifications.socket_receipts)."""
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -66,3 +67,25 @@ def test_flush_writes_many_pairs_in_chunks(make_user):
     users = [make_user(f"reader-{i}") for i in range(socket_receipts.CHUNK + 5)]
     assert socket_receipts.flush({(user.pk, "b"): 1 for user in users}) == len(users)
     assert SocketReceipt.objects.count() == len(users)
+
+
+async def test_the_hub_writes_its_receipts_every_interval_by_itself(layer, settings, ws, alice, alice_token):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "HUB_SYNC_INTERVAL": 0.1, "SOCKET_RECEIPTS_INTERVAL": 0.3}
+    comm, _ = await ws(alice_token)
+    (mine,) = await send(users=[alice], title="to alice")
+    assert (await comm.receive_json_from(timeout=5))["id"] == mine.pk
+    for _ in range(100):
+        if await receipts():
+            break
+        await asyncio.sleep(0.05)
+    assert await receipts() == {("alice", f"u.{alice.pk}"): mine.offset}
+
+
+async def test_with_an_interval_of_zero_nothing_is_noted(layer, settings, ws, alice, alice_token):
+    settings.NOTIFICATIONS = {**settings.NOTIFICATIONS, "SOCKET_RECEIPTS_INTERVAL": 0}
+    comm, _ = await ws(alice_token)
+    (mine,) = await send(users=[alice], title="to alice")
+    assert (await comm.receive_json_from(timeout=5))["id"] == mine.pk
+    assert (await get_hub()).socket_marks == {}
+    await flush()
+    assert await receipts() == {}
