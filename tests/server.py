@@ -184,7 +184,10 @@ def start_server(name: str, command, env: dict[str, str], log_path: Path, *, por
     the port answers. ``port`` restarts a server on a known port (one attempt); otherwise a
     free port is picked, and another one tried if it was taken before the server bound it."""
     full_env = {k: v for k, v in os.environ.items() if k not in APP_ENV}
-    full_env.update({"DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1"}, **env)
+    # No delivery worker unless the test asks (DELIVERY_WORKER="1"): a server that outlives its test
+    # would claim the emails another test's own workers are to send, on the same test database.
+    full_env.update({"DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1",
+                     "DELIVERY_WORKER": "0"}, **env)
     failures = []
     for _ in range(1 if port is not None else attempts):
         chosen = port if port is not None else free_port()

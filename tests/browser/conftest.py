@@ -156,6 +156,7 @@ def browser_server(django_db_setup, tmp_path_factory) -> Iterator[BrowserServer]
         DEBUG="1",  # serves the static files (client.js, the admin's select2)
         SECRET_KEY=settings.SECRET_KEY,  # sessions made in this process verify there
         ALLOWED_HOSTS=f"127.0.0.1,localhost,{APP_HOST}",
+        DELIVERY_WORKER="0",  # (tests/server.py, start_server, says why)
     )
     server = BrowserServer(env, tmp_path_factory.mktemp("browser-daphne") / "daphne.log")
     try:

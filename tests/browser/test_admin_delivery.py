@@ -70,7 +70,7 @@ def test_the_admin_shows_each_delivery_and_sends_a_failed_one_again(open_page, m
     expect(page.locator(".messagelist")).to_contain_text("1 deliveries will be sent again.")
 
     page.goto(f"/admin/notifications/notification/{deploy.pk}/change/")
-    # (The server's own worker may already have sent ben's email again: only the other rows are fixed.)
+    # (Ben's email is pending again; a server with a worker might have sent it already.)
     expect(page.locator(".field-deliveries")).to_contain_text("digest pending: 1")
     expect(page.locator(".field-deliveries")).to_contain_text("push skipped: 1")
     expect(page.locator(".field-deliveries")).to_contain_text("live frame handed to the sockets of 0 user(s)")

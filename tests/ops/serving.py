@@ -99,7 +99,9 @@ def start_serve(env: dict[str, str], log_path: Path, *, workers: int = 1, host: 
     """Start ``bin/serve`` and wait (bounded) until it answers ``/healthz`` in every worker
     (well, until the socket answers and one ``/healthz`` succeeds)."""
     full_env = {k: v for k, v in os.environ.items() if k not in APP_ENV and k not in SERVE_ENV}
-    full_env.update({"DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1"}, **env)
+    # No delivery worker unless the test asks (tests/server.py, start_server, says why).
+    full_env.update({"DJANGO_SETTINGS_MODULE": "project.settings", "PYTHONUNBUFFERED": "1",
+                     "DELIVERY_WORKER": "0"}, **env)
     metrics_dir = log_path.parent / f"metrics-{log_path.stem}"
     full_env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(metrics_dir))
     failures = []

@@ -45,7 +45,7 @@ def wait_for(condition, what: str, timeout: float = DEADLINE):
 def delivery_env(smtp: SmtpServer, **extra: str) -> dict[str, str]:
     # A long poll interval: what arrives is sent because the send woke the worker after commit.
     return {"EMAIL_URL": smtp.email_url, "SITE_URL": SITE, "DEFAULT_FROM_EMAIL": "bell@notify.example.com",
-            "DELIVERY_POLL_INTERVAL": "60", **extra}
+            "DELIVERY_WORKER": "1", "DELIVERY_POLL_INTERVAL": "60", **extra}
 
 
 def test_an_api_send_is_emailed_by_the_servers_worker_after_commit(serve, smtp, make_user, superuser_token):
