@@ -150,6 +150,23 @@ def sent_count(output: str) -> int:
     return int(found.group(1))
 
 
+def killed_at_the_5th_message(command: list[str], env: dict[str, str], smtp: SmtpServer) -> None:
+    """Run ``command`` until the server holds the 5th message's DATA reply, SIGKILL it there, then
+    let the server answer (that message was never accepted)."""
+    smtp.handler.stall(5)
+    process = subprocess.Popen(command, cwd=BASE_DIR, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert smtp.handler.stalled.wait(60), f"{command[2]} never reached the 5th message"
+        process.kill()
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    smtp.handler.release()
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_send_digests_killed_mid_run_sends_each_digest_exactly_once_after_the_lease(smtp, make_user):
@@ -158,18 +175,7 @@ def test_send_digests_killed_mid_run_sends_each_digest_exactly_once_after_the_le
     require_postgres()
     users = users_with_due_digests(make_user, 10)
     env = command_env(smtp, DELIVERY_LEASE="2")
-    smtp.handler.stall(5)
-    process = subprocess.Popen(SEND_DIGESTS, cwd=BASE_DIR, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        assert smtp.handler.stalled.wait(60), "send_digests never reached the 5th digest"
-        process.kill()
-        process.wait(10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-    smtp.handler.release()
+    killed_at_the_5th_message(SEND_DIGESTS, env, smtp)
     assert len(smtp.handler.messages) == 4  # the 5th was not accepted
     assert sent_count(run_send_digests(env)) == 5  # users 6 to 10; the killed run still holds user 5
     assert users[4].email not in smtp.handler.recipients()
@@ -222,18 +228,7 @@ def test_deliver_killed_mid_batch_sends_each_email_exactly_once_after_the_lease(
     require_postgres()
     users = users_with_pending_emails(make_user, 10)
     env = command_env(smtp, DELIVERY_LEASE="2")
-    smtp.handler.stall(5)
-    process = subprocess.Popen(DELIVER_ONCE, cwd=BASE_DIR, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    try:
-        assert smtp.handler.stalled.wait(60), "deliver never reached the 5th email"
-        process.kill()
-        process.wait(10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(10)
-    smtp.handler.release()
+    killed_at_the_5th_message(DELIVER_ONCE, env, smtp)
     assert len(smtp.handler.messages) == 4
     assert Delivery.objects.filter(status="sent").count() == 4  # each marked as soon as it was sent
     time.sleep(2.5)  # the killed worker's lease on the other six runs out
