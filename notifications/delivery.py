@@ -92,18 +92,15 @@ def job_create(rows: list[Notification]) -> bool:
 # 2. Planning
 
 
-def _chunks(ids: list[int]) -> Iterable[list[int]]:
+def chunks(ids: list[int]) -> Iterable[list[int]]:
+    """``ids`` ``CHUNK`` at a time (the lists of an ``IN (...)`` each)."""
     for start in range(0, len(ids), CHUNK):
         yield ids[start:start + CHUNK]
 
 
 def _audience_of(notification: Notification, among: list[int] | None) -> list[int]:
-    """The active users who see ``notification`` (as ``selectors`` defines it), among ``among`` if given."""
-    if notification.audience == Audience.USER:
-        recipient = cast(int, notification.recipient_id)  # set on every personal notification
-        found = [recipient] if among is None or recipient in among else []
-        users = get_user_model().objects.filter(pk__in=found, is_active=True)
-        return list(users.values_list("pk", flat=True))
+    """The active users who see a topic or broadcast ``notification`` (as ``selectors`` defines it),
+    among ``among`` if given. (Personal ones are planned together: ``_personal_recipients``.)"""
     query: QuerySet
     if notification.audience == Audience.TOPIC:
         query = Follow.objects.filter(
@@ -116,8 +113,8 @@ def _audience_of(notification: Notification, among: list[int] | None) -> list[in
         field = "pk"
     if among is None:
         return list(query.order_by(field).values_list(field, flat=True).distinct())
-    found = []
-    for chunk in _chunks(among):
+    found: list[int] = []
+    for chunk in chunks(among):
         found += query.filter(**{f"{field}__in": chunk}).values_list(field, flat=True).distinct()
     return sorted(set(found))
 
@@ -143,8 +140,14 @@ def recipients(notification: Notification) -> dict[int, set[str]]:
     fallback = preferences.default_channels(notification) & enabled
     # With no default on, only a user's own rule can turn a channel on: look only at them.
     audience = _audience_of(notification, None if fallback else _users_with_rules(notification, enabled))
+    return _wanted(audience, notification, enabled)
+
+
+def _wanted(user_ids: Iterable[int], notification: Notification, enabled: set[str]) -> dict[int, set[str]]:
+    """The enabled channels the preferences give each of ``user_ids`` for ``notification``, for
+    those with at least one (``preferences.channels_for_users``, 500 users per query)."""
     wanted: dict[int, set[str]] = {}
-    for chunk in _chunks(audience):
+    for chunk in chunks(list(user_ids)):
         for user_id, channels in preferences.channels_for_users(chunk, notification).items():
             channels &= enabled
             if channels:
@@ -155,16 +158,10 @@ def recipients(notification: Notification) -> dict[int, set[str]]:
 def _personal_recipients(notifications: list[Notification]) -> dict[int, set[str]]:
     """``recipients`` for many personal notifications of one level at once (a send to many users):
     one query per 500 users instead of one round of queries per notification."""
-    enabled = enabled_channels()
     users = sorted({cast(int, n.recipient_id) for n in notifications})
-    wanted: dict[int, set[str]] = {}
-    for chunk in _chunks(users):
-        active = set(get_user_model().objects.filter(pk__in=chunk, is_active=True).values_list("pk", flat=True))
-        for user_id, channels in preferences.channels_for_users(sorted(active), notifications[0]).items():
-            channels &= enabled
-            if channels:
-                wanted[user_id] = channels
-    return wanted
+    active = [user_id for chunk in chunks(users) for user_id in
+              get_user_model().objects.filter(pk__in=chunk, is_active=True).order_by("pk").values_list("pk", flat=True)]
+    return _wanted(active, notifications[0], enabled_channels())
 
 
 def _rows(pairs: list[tuple[Notification, int]], wanted: dict[int, set[str]], now: datetime) -> list[Delivery]:
@@ -175,7 +172,7 @@ def _rows(pairs: list[tuple[Notification, int]], wanted: dict[int, set[str]], no
     held: dict[int, datetime | None] = {}
     digest_off: set[int] = set()
     with_browser: set[int] = set()
-    for chunk in _chunks(ids):
+    for chunk in chunks(ids):
         held |= preferences.held_until_for_users(chunk, now)
         digest_off |= set(DeliverySettings.objects.filter(user_id__in=chunk, digest=DigestFrequency.OFF)
                           .values_list("user_id", flat=True))
@@ -216,7 +213,7 @@ def plan_due(limit: int | None = None) -> int:
     for job in jobs:
         now = timezone.now()
         notifications: list[Notification] = []
-        for chunk in _chunks(sorted(job.notification_ids)):
+        for chunk in chunks(sorted(job.notification_ids)):
             notifications += Notification.objects.filter(id__in=chunk).select_related("topic")
         rows = deliveries_of(notifications, now)
         with transaction.atomic():

@@ -285,6 +285,6 @@ def send_pushes(rows: list[Delivery], token: str) -> None:
             _mark(row, token, outcome)
             reached.update(outcome.reached)
     # One statement per claim (and per 500 browsers), not per push; a crash before it loses only these times.
-    now, ids = timezone.now(), sorted(reached)
-    for start in range(0, len(ids), delivery.CHUNK):
-        PushSubscription.objects.filter(pk__in=ids[start:start + delivery.CHUNK]).update(last_success_at=now)
+    now = timezone.now()
+    for chunk in delivery.chunks(sorted(reached)):
+        PushSubscription.objects.filter(pk__in=chunk).update(last_success_at=now)
