@@ -133,6 +133,7 @@ def worker(args: argparse.Namespace) -> None:
     django.setup()
     from django.conf import settings
     from django.contrib.auth import get_user_model
+    from django.core.mail import get_connection
     from django.db import connection as db_connection
     from django.db.models import CharField, F, Func, Value
     from django.db.models.functions import Concat, StrIndex
@@ -358,7 +359,8 @@ def worker(args: argparse.Namespace) -> None:
 
             def run() -> None:
                 for start in range(0, n, CLAIM):
-                    connection = mail.open_connection()
+                    connection = get_connection()  # Django's backend itself: no product code
+                    connection.open()
                     for _ in range(min(CLAIM, n - start)):
                         assert connection.send_messages([message]) == 1
                     connection.close()

@@ -13,7 +13,7 @@ still due): two runs never hold the same user, on PostgreSQL (the second UPDATE 
 first's row lock, then finds the row taken) and on SQLite (writes are serialized). Holding the
 user, it takes their pending digest deliveries created before the claim, lists the unread ones
 (at most ``DIGEST_MAX_ITEMS``, oldest first; the rest are counted as "more"), sends one email
-(one SMTP connection for the whole run), then in one transaction marks those deliveries sent,
+(one connection for the whole run, ``mail.Mailer``), then in one transaction marks those deliveries sent,
 the read ones skipped ("read before the digest"), records ``last_digest_at`` and releases the
 claim.
 
@@ -32,23 +32,20 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
-from . import conf, mail, metrics, selectors
+from . import conf, delivery, mail, metrics, selectors
 from .models import Delivery, DeliveryChannel, DeliverySettings, DeliveryStatus, DigestFrequency
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 500  # users per query, and ids per IN (...) (SQLite takes at most 999 parameters)
 SLACK = timedelta(minutes=5)
 PERIODS: dict[str, timedelta] = {DigestFrequency.HOURLY: timedelta(hours=1), DigestFrequency.DAILY: timedelta(hours=24)}
 READ = "read before the digest"
-NO_ADDRESS = "the user has no email address"
 TURNED_OFF = "digests turned off"
 
 
@@ -73,23 +70,16 @@ def _due(now: datetime) -> Q:
     return condition
 
 
-def _is_due(row: DeliverySettings | None, now: datetime) -> bool:
-    if row is None:
-        return True  # no settings: daily, never sent
-    period = PERIODS.get(row.digest)
-    return period is not None and (row.last_digest_at is None or row.last_digest_at <= now - period + SLACK)
-
-
 def _pending() -> QuerySet[Delivery]:
     return Delivery.objects.filter(channel=DeliveryChannel.DIGEST, status=DeliveryStatus.PENDING)
 
 
 def _users_with_pending() -> Iterator[list[int]]:
-    """The ids of the users with pending digest deliveries, ascending, ``CHUNK`` at a time."""
+    """The ids of the users with pending digest deliveries, ascending, ``delivery.CHUNK`` at a time."""
     after = 0
     while True:
         ids = list(_pending().filter(user_id__gt=after).order_by("user_id")
-                   .values_list("user_id", flat=True).distinct()[:CHUNK])
+                   .values_list("user_id", flat=True).distinct()[:delivery.CHUNK])
         if not ids:
             return
         yield ids
@@ -97,8 +87,9 @@ def _users_with_pending() -> Iterator[list[int]]:
 
 
 def _due_in(ids: list[int], now: datetime) -> list[int]:
-    rows = {row.pk: row for row in DeliverySettings.objects.filter(pk__in=ids)}
-    return [user_id for user_id in ids if _is_due(rows.get(user_id), now)]
+    """Those of ``ids`` whose digest is due: the ones with no settings yet (daily, never sent) too."""
+    not_due = set(DeliverySettings.objects.filter(pk__in=ids).exclude(_due(now)).values_list("pk", flat=True))
+    return [user_id for user_id in ids if user_id not in not_due]
 
 
 def due_users(now: datetime | None = None) -> list[int]:
@@ -122,21 +113,16 @@ def release(user_id: int, until: datetime) -> None:
     DeliverySettings.objects.filter(pk=user_id, digest_claim_until=until).update(digest_claim_until=None)
 
 
-def _chunks(ids: list[int]) -> Iterator[list[int]]:
-    for start in range(0, len(ids), CHUNK):
-        yield ids[start:start + CHUNK]
-
-
 def _finish(user_id: int, until: datetime, now: datetime, *, sent: list[int], skipped: list[int],
             reason: str, digest_sent: bool) -> None:
     """In one transaction: mark the deliveries, record the digest (if one was sent), release the claim."""
     with transaction.atomic():
         done = 0
-        for chunk in _chunks(sent):
+        for chunk in delivery.chunks(sent):
             done += _pending().filter(pk__in=chunk).update(status=DeliveryStatus.SENT, sent_at=now, error="",
                                                            attempts=F("attempts") + 1)
         dropped = 0
-        for chunk in _chunks(skipped):
+        for chunk in delivery.chunks(skipped):
             dropped += _pending().filter(pk__in=chunk).update(status=DeliveryStatus.SKIPPED, error=reason)
         changes: dict = {"digest_claim_until": None}
         if digest_sent:
@@ -151,40 +137,7 @@ def _finish(user_id: int, until: datetime, now: datetime, *, sent: list[int], sk
     metrics.delivery(DeliveryChannel.DIGEST, "skipped", dropped)
 
 
-class _ConnectionFailed(Exception):
-    """The email connection could not be opened: the run stops (the next run tries again)."""
-
-
-class _Mailer:
-    """One email connection for a run, opened at the first digest and after a failed send."""
-
-    def __init__(self) -> None:
-        self.connection: Any = None  # a Django email backend
-
-    def send(self, message) -> None:
-        if self.connection is None:
-            try:
-                self.connection = mail.open_connection()
-            except Exception as exc:
-                raise _ConnectionFailed(f"email backend unavailable: {type(exc).__name__}: {exc}") from exc
-        try:
-            sent = self.connection.send_messages([message])
-        except Exception:
-            self.close()  # it may be broken: the next digest opens a new one
-            raise
-        if not sent:
-            raise RuntimeError("the email backend sent nothing")
-
-    def close(self) -> None:
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception as exc:  # the digests are marked; a failed QUIT changes nothing
-                logger.warning("digests: closing the email connection failed: %s: %s", type(exc).__name__, exc)
-
-
-def _send_one(user, until: datetime, now: datetime, mailer: _Mailer) -> str:
+def _send_one(user, until: datetime, now: datetime, mailer: mail.Mailer) -> str:
     """Send the digest of a claimed user: "sent", "skipped", "failed" (or "" with nothing to send)."""
     rows = list(_pending().filter(user=user, created_at__lte=now).order_by("notification_id")
                 .values_list("pk", "notification_id"))
@@ -193,9 +146,10 @@ def _send_one(user, until: datetime, now: datetime, mailer: _Mailer) -> str:
         return ""
     delivery_of = {notification_id: pk for pk, notification_id in rows}
     if not user.email:
-        _finish(user.pk, until, now, sent=[], skipped=[pk for pk, _ in rows], reason=NO_ADDRESS, digest_sent=False)
+        _finish(user.pk, until, now, sent=[], skipped=[pk for pk, _ in rows], reason=mail.NO_ADDRESS,
+                digest_sent=False)
         return "skipped"
-    unread = [n for chunk in _chunks(list(delivery_of)) for n in selectors.unread_among(user, chunk)]
+    unread = [n for chunk in delivery.chunks(list(delivery_of)) for n in selectors.unread_among(user, chunk)]
     unread_ids = {n.pk for n in unread}
     read = [pk for notification_id, pk in delivery_of.items() if notification_id not in unread_ids]
     if not unread:
@@ -208,15 +162,15 @@ def _send_one(user, until: datetime, now: datetime, mailer: _Mailer) -> str:
         mailer.send(mail.digest_email(user, listed, len(unread) - len(listed),
                                       frequency if frequency in PERIODS else DigestFrequency.DAILY))
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, _ConnectionFailed) else f"{type(exc).__name__}: {exc}"
+        reason = str(exc) if isinstance(exc, mail.ConnectionFailed) else f"{type(exc).__name__}: {exc}"
         reason = reason[:2000]
         release(user.pk, until)
         ids = [pk for pk, _ in rows]
-        for chunk in _chunks(ids):
+        for chunk in delivery.chunks(ids):
             _pending().filter(pk__in=chunk).update(attempts=F("attempts") + 1, error=reason)
         metrics.delivery(DeliveryChannel.DIGEST, "retried", len(ids))
         logger.warning("digest to user %s failed (tried again at the next run): %s", user.pk, reason)
-        if isinstance(exc, _ConnectionFailed):
+        if isinstance(exc, mail.ConnectionFailed):
             raise
         return "failed"
     sent = [delivery_of[n.pk] for n in unread]
@@ -233,7 +187,7 @@ def send_digests(now: datetime | None = None) -> DigestReport:
     turned_off = _pending().filter(user__delivery_settings__digest=DigestFrequency.OFF).update(
         status=DeliveryStatus.SKIPPED, error=TURNED_OFF)  # planned before the user turned digests off
     metrics.delivery(DeliveryChannel.DIGEST, "skipped", turned_off)
-    mailer = _Mailer()
+    mailer = mail.Mailer()
     users = get_user_model().objects
     try:
         for ids in _users_with_pending():
@@ -248,7 +202,7 @@ def send_digests(now: datetime | None = None) -> DigestReport:
                     continue  # sent meanwhile, or another run holds it
                 try:
                     outcome = _send_one(by_id[user_id], until, moment, mailer)
-                except _ConnectionFailed:
+                except mail.ConnectionFailed:
                     report.failed += 1
                     return report
                 if outcome:

@@ -142,37 +142,63 @@ def digest_email(user, notifications: Sequence[Notification], more: int, frequen
     )
 
 
-def open_connection():
-    """A connection of Django's email backend, opened (raises what the backend raises)."""
-    connection = get_connection()
-    connection.open()
-    return connection
+NO_ADDRESS = "the user has no email address"
+
+
+class ConnectionFailed(Exception):
+    """The email backend's connection could not be opened."""
+
+
+class Mailer:
+    """One connection of Django's email backend for a run of sends, opened at the first message
+    and again after a failed send (the connection may be broken); ``close`` at the end."""
+
+    def __init__(self) -> None:
+        self.connection: Any = None  # a Django email backend
+
+    def send(self, message) -> None:
+        """Send one message; ``ConnectionFailed`` when no connection opens, else what the backend raises."""
+        if self.connection is None:
+            try:
+                self.connection = get_connection()
+                self.connection.open()
+            except Exception as exc:
+                self.connection = None
+                raise ConnectionFailed(f"email backend unavailable: {type(exc).__name__}: {exc}") from exc
+        try:
+            sent = self.connection.send_messages([message])
+        except Exception:
+            self.close()
+            raise
+        if not sent:
+            raise RuntimeError("the email backend sent nothing")
+
+    def close(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception as exc:  # the messages are marked; a failed QUIT changes nothing
+                logger.warning("email: closing the connection failed: %s: %s", type(exc).__name__, exc)
 
 
 def send_emails(rows: list[Delivery], token: str) -> None:
-    """Send claimed ``email`` deliveries over one connection, marking each as it goes."""
+    """Send claimed ``email`` deliveries over one connection (``Mailer``), marking each as it goes;
+    when no connection opens, this row and the rest are tried again later."""
+    mailer = Mailer()
     try:
-        connection = open_connection()
-    except Exception as exc:
-        delivery.fail_all(rows, token, f"email backend unavailable: {type(exc).__name__}: {exc}")
-        return
-    try:
-        for row in rows:
+        for index, row in enumerate(rows):
             if not row.user.email:
-                delivery.mark_skipped(row, token, "the user has no email address")
+                delivery.mark_skipped(row, token, NO_ADDRESS)
                 continue
             try:
-                message = notification_email(row.user, row.notification)
-                sent = connection.send_messages([message])
+                mailer.send(notification_email(row.user, row.notification))
+            except ConnectionFailed as exc:
+                delivery.fail_all(rows[index:], token, str(exc))
+                return
             except Exception as exc:
                 delivery.mark_failed(row, token, f"{type(exc).__name__}: {exc}")
                 continue
-            if sent:
-                delivery.mark_sent(row, token)
-            else:
-                delivery.mark_failed(row, token, "the email backend sent nothing")
+            delivery.mark_sent(row, token)
     finally:
-        try:
-            connection.close()
-        except Exception as exc:  # the messages are marked; a failed QUIT changes nothing
-            logger.warning("email: closing the connection failed: %s: %s", type(exc).__name__, exc)
+        mailer.close()

@@ -160,7 +160,7 @@ def test_a_user_without_an_address_is_skipped_with_the_reason(alice):
 
 
 def test_users_are_taken_in_id_order_a_chunk_at_a_time(make_user, monkeypatch):
-    monkeypatch.setattr(digests, "CHUNK", 2)
+    monkeypatch.setattr(delivery, "CHUNK", 2)  # (digests read users through delivery.chunks)
     users = [make_user(f"user{i}", email=f"user{i}@example.com") for i in range(5)]
     for user in users:
         notify(user, "Deploy")
