@@ -84,7 +84,11 @@ def inbox_url() -> str:
 
 def describe(notification: Notification) -> str:
     """What kind of notification it is, for "why you get this email"."""
-    scope, key = preferences.audience_rule(notification)
+    return describe_audience(*preferences.audience_rule(notification))
+
+
+def describe_audience(scope: str, key: str) -> str:
+    """The audience (scope, key) of a rule in words: "the topic “deploys”", "broadcasts"..."""
     if scope == "topic":
         return f"the topic “{key}”"
     return "broadcasts" if scope == "broadcast" else "notifications sent to you"

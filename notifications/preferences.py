@@ -50,7 +50,11 @@ def audience_rule(notification: Notification) -> tuple[str, str]:
 def default_channels(notification: Notification) -> set[str]:
     """The channels of a user with no rule of their own for ``notification``'s audience: the staff
     default of its topic, else the app's (before any level rule)."""
-    scope, key = audience_rule(notification)
+    return audience_default_channels(*audience_rule(notification))
+
+
+def audience_default_channels(scope: str, key: str) -> set[str]:
+    """``default_channels`` of the audience (scope, key) of a rule."""
     if scope == PreferenceScope.TOPIC:
         rule = Preference.objects.filter(user__isnull=True, scope=scope, key=key).first()
         if rule is not None:

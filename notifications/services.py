@@ -735,15 +735,10 @@ def email_unsubscribe(*, user, channel: str, scope: str = "", key: str = "", lev
             DeliverySettings.objects.update_or_create(user=user, defaults={"digest": DigestFrequency.OFF})
             return
         rule = Preference.objects.filter(user=user, scope=scope, key=key).first()
-        if rule is None and scope == PreferenceScope.TOPIC and not Topic.objects.filter(slug=key).exists():
-            pass  # the topic is gone (or renamed): its rules went or moved with it
-        elif rule is None:
-            probe = Notification(audience=Audience.BROADCAST, level=level)
-            if scope == PreferenceScope.TOPIC:
-                probe = Notification(audience=Audience.TOPIC, topic=Topic(slug=key), level=level)
-            elif scope == PreferenceScope.OWN:
-                probe = Notification(audience=Audience.USER, level=level)
-            on = preferences.default_channels(probe)
+        # (A topic that is gone, or renamed, took its rules with it: nothing to write for it.)
+        topic_gone = scope == PreferenceScope.TOPIC and not Topic.objects.filter(slug=key).exists()
+        if rule is None and not topic_gone:
+            on = preferences.audience_default_channels(scope, key)
             rule = Preference(user=user, scope=scope, key=key,
                               **{name: name in on for name in preferences.CHANNELS})
         if rule is not None:

@@ -58,6 +58,7 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
 
 
 def _kind(payload: dict) -> str:
-    scope, key, level = payload.get("s"), payload.get("k"), payload.get("l")
-    audience = {"topic": f"the topic “{key}”", "broadcast": "broadcasts"}.get(scope or "", "notifications sent to you")
+    from . import mail
+
+    audience, level = mail.describe_audience(payload.get("s", ""), payload.get("k", "")), payload.get("l")
     return f"{audience} (and every {level} notification)" if level else audience
