@@ -19,7 +19,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.core.exceptions import PermissionDenied
 from django.db import InterfaceError, OperationalError
 
-from . import conf, connection_events, db, metrics, protocol, resume, selectors, services, socket_receipts, streams
+from . import conf, connection_events, db, metrics, protocol, resume, selectors, services, streams
 from .auth import ALL_SESSIONS
 from .db import database_sync_to_async
 from .hub import Hub, get_hub
@@ -363,10 +363,10 @@ class NotificationConsumer(AsyncWebsocketConsumer):
         cursor = dict(cursor or self.positions)
         if outcome["recovered"]:
             rows = outcome.pop("rows")
-            marks = self.hub.socket_marks if self.hub is not None and self.hub.receipts_interval else {}
             for notification in rows:
                 outbox.put(protocol.encode(protocol.notification_frame(notification, is_read=notification.is_read)))
-                socket_receipts.note(marks, outbox.user_id, streams.stream_of(notification), notification.offset)
+                if self.hub is not None:
+                    self.hub.note_replayed(outbox.user_id, streams.stream_of(notification), notification.offset)
             skip = outcome.pop("skip")
             outbox.skip = skip or None
             cursor = resume.cursor_after(cursor, rows) | skip

@@ -332,14 +332,11 @@ class Hub:
     def _deliver(self, message: dict) -> None:
         stream, offset, frame = message["stream"], message["offset"], message["frame"]
         readers = self.registry.readers(stream)
-        if self.receipts_interval:
-            marks = self.socket_marks
-            for outbox in list(readers):
-                outbox.offer(stream, offset, frame)
-                marks[(outbox.user_id, stream)] = offset  # offsets of a stream reach the hub in order
-        else:
-            for outbox in list(readers):
-                outbox.offer(stream, offset, frame)
+        handed = list(readers)
+        for outbox in handed:
+            outbox.offer(stream, offset, frame)
+        if self.receipts_interval:  # (each stream's offsets reach the hub in order: this is its greatest)
+            self.socket_marks.update(dict.fromkeys([(outbox.user_id, stream) for outbox in handed], offset))
         metrics.delivered(len(readers), message.get("t"), time.time())  # one call per notification
 
     def _to_user(self, message: dict) -> None:
@@ -379,6 +376,11 @@ class Hub:
                 failures.failure("hub sync with the store failed", exc)
                 continue
             failures.recovered("hub sync with the store failed")
+
+    def note_replayed(self, user_id: int, stream: str, offset: int) -> None:
+        """A resume handed ``offset`` of ``stream`` to a socket of ``user_id`` (``socket_receipts``)."""
+        if self.receipts_interval:
+            socket_receipts.note(self.socket_marks, user_id, stream, offset)
 
     async def flush_receipts(self) -> None:
         """Write the socket receipts noted since the last flush (``socket_receipts``)."""

@@ -14,7 +14,7 @@ from datetime import datetime
 
 from django.contrib.auth import get_user_model
 from django.db import connection
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from . import streams
@@ -73,4 +73,5 @@ def receipts_of(notification: Notification) -> QuerySet[SocketReceipt]:
 
 
 def frame_sent(notification: Notification, user_id: int) -> bool:
-    return receipts_of(notification).filter(Q(user_id=user_id)).exists()
+    """Whether ``notification``'s frame was handed to a socket of ``user_id``."""
+    return receipts_of(notification).filter(user=user_id).exists()
